@@ -1,0 +1,137 @@
+"""Config of the GRPO (RLVR) job, `jobs/train_rlvr`. Defaults follow RM-R1's RL settings."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rmr1_ray.config.sections import ClusterConfig, GroupConfig, ModelConfig, Strict, TrackingConfig
+
+
+class DataConfig(Strict):
+    train_path: str = Field(description="directory of prepared parquet shards (OUT/train of `rmr1 prepare`)")
+    val_path: str | None = None
+    shuffle: bool = True
+    max_prompt_length: int = Field(4096, ge=1)
+
+
+class RolloutConfig(Strict):
+    engine: Literal["hf", "vllm"] = "hf"
+    group: GroupConfig = GroupConfig()
+    n_samples_per_prompt: int = Field(7, description="GRPO group size (RM-R1: 7)")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, description="-1: off")
+    max_new_tokens: int = Field(8192, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    seed: int = 0
+    # vLLM engine settings (ignored by the hf engine)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.6, gt=0, le=1)
+    max_model_len: int | None = None
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    sleep_when_idle: bool = Field(False, description="GPU only: sleep the engine while a colocated learner trains")
+    weight_sync: Literal["object_store", "nccl"] = "object_store"
+
+    @model_validator(mode="after")
+    def _grpo_needs_groups(self) -> RolloutConfig:
+        if self.n_samples_per_prompt < 2:
+            raise ValueError(
+                f"rollout.n_samples_per_prompt={self.n_samples_per_prompt}: GRPO normalises rewards within a "
+                "group of samples of one prompt, so it needs at least 2"
+            )
+        return self
+
+
+class LearnerConfig(Strict):
+    group: GroupConfig = GroupConfig()
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    lr: float = Field(1e-6, gt=0)
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(1, ge=1, description="sequences per rank per forward/backward")
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+class ReferenceConfig(Strict):
+    group: GroupConfig = GroupConfig()
+    micro_batch_size: int = Field(4, ge=1)
+
+
+class RewardConfig(Strict):
+    group: GroupConfig = GroupConfig()
+    correct: float = 1.0
+    wrong: float = -1.0
+    format_bonus: float = 0.0
+    format_penalty: float = 0.0
+
+
+class AlgorithmConfig(Strict):
+    train_batch_size: int = Field(1024, ge=1, description="prompts per GRPO step")
+    ppo_mini_batch_size: int = Field(128, ge=1, description="prompts per optimizer step")
+    ppo_epochs: int = Field(1, ge=1)
+    clip_ratio: float = Field(0.2, gt=0)
+    use_kl_loss: bool = True
+    kl_loss_type: Literal["kl", "abs", "mse", "low_var_kl", "full"] = "low_var_kl"
+    kl_loss_coef: float = Field(0.001, ge=0)
+    entropy_coeff: float = Field(0.0, ge=0)
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    norm_adv_by_std: bool = True
+
+
+class TrainerConfig(Strict):
+    output_dir: str = "runs/train"
+    total_steps: int = Field(1, ge=1)
+    seed: int = 0
+    save_every: int = Field(0, ge=0, description="checkpoint every K steps (0: only at the end)")
+    keep_last: int = Field(2, ge=1)
+    eval_every: int = Field(0, ge=0)
+    max_actor_restarts: int = Field(3, ge=0)
+
+
+class TrainConfig(Strict):
+    model: ModelConfig
+    data: DataConfig
+    rollout: RolloutConfig = RolloutConfig()
+    learner: LearnerConfig = LearnerConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    reward: RewardConfig = RewardConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> TrainConfig:
+        algo, n = self.algorithm, self.rollout.n_samples_per_prompt
+        ranks = self.learner.group.num_workers
+        if algo.train_batch_size % algo.ppo_mini_batch_size:
+            raise ValueError(
+                f"algorithm.train_batch_size={algo.train_batch_size} is not divisible by "
+                f"algorithm.ppo_mini_batch_size={algo.ppo_mini_batch_size}"
+            )
+        mini_sequences = algo.ppo_mini_batch_size * n
+        per_step = ranks * self.learner.micro_batch_size
+        if mini_sequences % per_step:
+            raise ValueError(
+                f"a PPO mini-batch holds algorithm.ppo_mini_batch_size * rollout.n_samples_per_prompt = "
+                f"{algo.ppo_mini_batch_size} * {n} = {mini_sequences} sequences, which learner.group.num_workers "
+                f"* learner.micro_batch_size = {ranks} * {self.learner.micro_batch_size} = {per_step} does not divide"
+            )
+        if algo.train_batch_size % self.rollout.group.num_workers:
+            raise ValueError(
+                f"algorithm.train_batch_size={algo.train_batch_size} is not divisible by "
+                f"rollout.group.num_workers={self.rollout.group.num_workers}"
+            )
+        if self.learner.lr_warmup_steps > self.trainer.total_steps:
+            raise ValueError(
+                f"learner.lr_warmup_steps={self.learner.lr_warmup_steps} exceeds trainer.total_steps={self.trainer.total_steps}"
+            )
+        return self
