@@ -1,0 +1,113 @@
+"""A synthetic judging task with checkable answers: the built-in default for the demo and tests.
+
+Every question has one correct and one wrong answer that the generator computes itself, so a
+judge's verdict can be scored without any human label. For SFT the generator also writes the
+Reasoning-format chain RM-R1 trains on (<type>, <solution>, <eval> with quotes, <answer>).
+Splits are by question: a question's text lands on exactly one side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+WORDS = ("apple", "banana", "cherry", "orange", "grape", "lemon", "mango", "peach", "plum", "melon",
+         "river", "mountain", "forest", "desert", "island", "valley", "ocean", "planet", "rocket", "garden")
+UNITS = (("meters", "centimeters", 100), ("kilograms", "grams", 1000), ("hours", "minutes", 60),
+         ("minutes", "seconds", 60), ("kilometers", "meters", 1000))
+
+
+@dataclass(frozen=True)
+class JudgingItem:
+    question: str
+    correct: str
+    wrong: str
+    solution: str  # the judge's own solution, written into the Reasoning chain
+    kind: str
+
+
+def _arithmetic(rng: random.Random) -> JudgingItem:
+    a, b = rng.randint(2, 99), rng.randint(2, 99)
+    op = rng.choice("+-*")
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    wrong = value + rng.choice((-10, -2, -1, 1, 2, 10))
+    question = f"What is {a} {op} {b}?"
+    return JudgingItem(question, f"{a} {op} {b} = {value}.", f"{a} {op} {b} = {wrong}.", f"{a} {op} {b} = {value}", "arithmetic")
+
+
+def _comparison(rng: random.Random) -> JudgingItem:
+    a, b = rng.sample(range(1, 1000), 2)
+    big, small = max(a, b), min(a, b)
+    question = f"Which number is larger, {a} or {b}?"
+    return JudgingItem(question, f"{big} is larger than {small}.", f"{small} is larger than {big}.", f"{big} > {small}", "comparison")
+
+
+def _unit_conversion(rng: random.Random) -> JudgingItem:
+    big_unit, small_unit, factor = rng.choice(UNITS)
+    amount = rng.randint(2, 20)
+    value = amount * factor
+    wrong = value + rng.choice((-factor, factor, factor // 10 or 1))
+    question = f"How many {small_unit} are in {amount} {big_unit}?"
+    return JudgingItem(question, f"There are {value} {small_unit}.", f"There are {wrong} {small_unit}.",
+                       f"{amount} x {factor} = {value} {small_unit}", "unit_conversion")
+
+
+def _string_fact(rng: random.Random) -> JudgingItem:
+    word = rng.choice(WORDS)
+    if rng.random() < 0.5:
+        question = f"How many letters are in the word '{word}'?"
+        wrong = len(word) + rng.choice((-2, -1, 1, 2))
+        return JudgingItem(question, f"'{word}' has {len(word)} letters.", f"'{word}' has {wrong} letters.",
+                           f"{' '.join(word)}: {len(word)} letters", "string_fact")
+    question = f"What is the word '{word}' spelled backwards?"
+    wrong = word[::-1][1:] + word[-1]
+    return JudgingItem(question, f"'{word}' backwards is '{word[::-1]}'.", f"'{word}' backwards is '{wrong}'.",
+                       f"reverse of {word} is {word[::-1]}", "string_fact")
+
+
+GENERATORS: tuple[Callable[[random.Random], JudgingItem], ...] = (_arithmetic, _comparison, _unit_conversion, _string_fact)
+
+
+def generate_items(count: int, seed: int) -> Iterator[JudgingItem]:
+    """`count` distinct questions (a repeated question is drawn again), reproducible from `seed`."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    for _ in range(100 * count + 100):
+        if len(seen) == count:
+            return
+        item = rng.choice(GENERATORS)(rng)
+        if item.question in seen or item.correct == item.wrong:
+            continue
+        seen.add(item.question)
+        yield item
+    if len(seen) < count:
+        raise ValueError(f"only {len(seen)} distinct questions could be drawn, {count} were asked for")
+
+
+def split_of(question: str, seed: int, test_fraction: float) -> str:
+    """'train' or 'test', decided by a hash of the question so a question never lands on both sides."""
+    digest = hashlib.blake2b(f"{seed}:{question}".encode(), digest_size=8).digest()
+    return "test" if int.from_bytes(digest, "big") / 2**64 < test_fraction else "train"
+
+
+def reasoning_chain(item: JudgingItem, correct_position: str) -> str:
+    """The RM-R1 Reasoning-format chain that judges `item` with the correct answer at `correct_position`."""
+    answer_a, answer_b = (item.correct, item.wrong) if correct_position == "A" else (item.wrong, item.correct)
+    verdict_a = "matches" if correct_position == "A" else "does not match"
+    verdict_b = "matches" if correct_position == "B" else "does not match"
+    return (
+        "<type>Reasoning</type>\n\n"
+        f"<solution> {item.solution} </solution>\n\n"
+        "<eval>\n"
+        f"  <quote_A>{answer_a}</quote_A> {verdict_a} the solution.\n"
+        f"  <quote_B>{answer_b}</quote_B> {verdict_b} the solution.\n"
+        "</eval>\n\n"
+        f"<answer>[[{correct_position}]]</answer>"
+    )
+
+
+def pairwise_row(item: JudgingItem) -> dict[str, str]:
+    """A row in the generic pairwise schema that `rmr1 prepare` reads (prompt, chosen, rejected)."""
+    return {"prompt": item.question, "chosen": item.correct, "rejected": item.wrong, "kind": item.kind}

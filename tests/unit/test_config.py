@@ -1,0 +1,114 @@
+"""The config loader: YAML + extends + dotted overrides, typed, with errors that name the key."""
+
+import pytest
+import yaml
+
+from rmr1_ray.config import ConfigError, apply_overrides, load_config, save_resolved
+from rmr1_ray.config.train import TrainConfig
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture()
+def model_dir(tmp_path):
+    path = tmp_path / "model"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture()
+def train_yaml(tmp_path, model_dir):
+    def write(extra: dict | None = None, name: str = "train.yaml"):
+        tree = {
+            "model": {"path": str(model_dir)},
+            "data": {"train_path": str(tmp_path / "data")},
+            "rollout": {"n_samples_per_prompt": 4},
+            "learner": {"group": {"num_workers": 2}, "micro_batch_size": 2},
+            "algorithm": {"train_batch_size": 8, "ppo_mini_batch_size": 4},
+        }
+        for key, value in (extra or {}).items():
+            tree[key] = {**tree.get(key, {}), **value}
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(tree))
+        return path
+
+    return write
+
+
+def test_loads_yaml_and_overrides(train_yaml):
+    cfg = load_config(TrainConfig, train_yaml(), ["trainer.total_steps=2", "learner.lr=3e-6", "rollout.stop=[a, b]"])
+    assert cfg.trainer.total_steps == 2
+    assert cfg.learner.lr == pytest.approx(3e-6)
+    assert cfg.rollout.stop == ["a", "b"]
+    # RM-R1 defaults where the file is silent
+    assert cfg.algorithm.kl_loss_type == "low_var_kl"
+    assert cfg.algorithm.kl_loss_coef == pytest.approx(0.001)
+    assert cfg.algorithm.clip_ratio == pytest.approx(0.2)
+
+
+def test_unknown_key_names_key_file_and_closest(train_yaml):
+    path = train_yaml({"trainer": {"total_step": 3}})
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, path)
+    message = str(err.value)
+    assert "unknown key 'trainer.total_step'" in message
+    assert str(path) in message
+    assert "did you mean 'trainer.total_steps'?" in message
+
+
+def test_unknown_override_key_is_an_error(train_yaml):
+    with pytest.raises(ConfigError, match=r"unknown key 'rollout\.temprature'.*did you mean 'rollout\.temperature'"):
+        load_config(TrainConfig, train_yaml(), ["rollout.temprature=0.7"])
+
+
+def test_batch_size_mismatch_is_explained(train_yaml):
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, train_yaml(), ["algorithm.ppo_mini_batch_size=3"])
+    assert "algorithm.train_batch_size=8 is not divisible by algorithm.ppo_mini_batch_size=3" in str(err.value)
+
+
+def test_mini_batch_must_split_over_ranks_and_micro_batches(train_yaml):
+    # 1 prompt x 4 samples = 4 sequences per mini-batch; 2 ranks x micro 4 = 8 per step
+    with pytest.raises(ConfigError, match="does not divide"):
+        load_config(TrainConfig, train_yaml(), ["algorithm.ppo_mini_batch_size=1", "learner.micro_batch_size=4"])
+
+
+def test_grpo_needs_two_samples(train_yaml):
+    with pytest.raises(ConfigError, match="at least 2"):
+        load_config(TrainConfig, train_yaml(), ["rollout.n_samples_per_prompt=1"])
+
+
+def test_missing_and_nonexistent_model_path(tmp_path, train_yaml):
+    with pytest.raises(ConfigError, match="missing required key 'model.path'"):
+        load_config(TrainConfig, None, [f"data.train_path={tmp_path}", "model.dtype=float32"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(TrainConfig, train_yaml(), [f"model.path={tmp_path}/nope"])
+
+
+def test_wrong_type_names_key(train_yaml):
+    with pytest.raises(ConfigError, match=r"bad value for 'trainer\.total_steps'"):
+        load_config(TrainConfig, train_yaml(), ["trainer.total_steps=many"])
+
+
+def test_extends_merges_and_detects_cycles(tmp_path, train_yaml):
+    base = train_yaml(name="base.yaml")
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {base.name}\ntrainer:\n  total_steps: 7\n")
+    cfg = load_config(TrainConfig, child)
+    assert cfg.trainer.total_steps == 7 and cfg.learner.group.num_workers == 2
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(TrainConfig, loop)
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["trainer.total_steps"])
+
+
+def test_resolved_config_round_trips(tmp_path, train_yaml):
+    cfg = load_config(TrainConfig, train_yaml(), ["trainer.seed=5"])
+    saved = save_resolved(cfg, tmp_path / "run")
+    again = load_config(TrainConfig, saved)
+    assert again == cfg
