@@ -79,7 +79,7 @@ class AlgorithmConfig(Strict):
     ppo_epochs: int = Field(1, ge=1)
     clip_ratio: float = Field(0.2, gt=0)
     use_kl_loss: bool = True
-    kl_loss_type: Literal["kl", "abs", "mse", "low_var_kl", "full"] = "low_var_kl"
+    kl_loss_type: Literal["kl", "abs", "mse", "low_var_kl"] = "low_var_kl"
     kl_loss_coef: float = Field(0.001, ge=0)
     entropy_coeff: float = Field(0.0, ge=0)
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"

@@ -1,0 +1,349 @@
+"""PolicyLearner: one DeepSpeed rank (ZeRO-3 by default) of the policy being trained with GRPO."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+
+from rmr1_ray import algorithms as algo
+from rmr1_ray.batch import DataProto, fetch, split_for_ranks, with_data_index
+from rmr1_ray.models import load_causal_lm, load_tokenizer, torch_dtype
+
+# DeepSpeed JIT-compiles a shared-memory comm op on the first init_distributed (~55 s). A stable
+# cache directory makes every later actor (and test run) reuse the build.
+DEFAULT_TORCH_EXTENSIONS_DIR = "~/.cache/rmr1-ray/torch_extensions"
+
+
+def find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    # numpy has no bfloat16: ship it as float32 (vLLM / HF cast back on load).
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+class PolicyLearner:
+    """One rank of the trained policy: log-probs, PPO updates, full weights for sync and checkpoints.
+
+    A plain class: the driver wraps it with `ray.remote(num_cpus=..., num_gpus=...)` and places rank i
+    on bundle i of a placement group. Rendezvous (torch.distributed) goes through rank 0:
+
+        ranks = [Remote.options(...).remote(config, i, world_size) for i in range(world_size)]
+        addr, port = ray.get(ranks[0].get_master_addr_port.remote())   # rank 0's node IP, a free port
+        ray.get([r.setup.remote(addr, port) for r in ranks])
+
+    (An address already known can instead be given to __init__; setup's arguments override it.)
+    Every method below that touches the model is collective: call it on ALL ranks together.
+    """
+
+    def __init__(
+        self, config: dict, rank: int, world_size: int, master_addr: str | None = None, master_port: int | None = None
+    ) -> None:
+        self.config = config  # TrainConfig.model_dump(); nothing heavy happens before setup()
+        self.rank, self.world_size = rank, world_size
+        self.master_addr, self.master_port = master_addr, master_port
+        self.engine = None
+        self.device = torch.device("cpu")
+        self.timings: dict[str, float] = {}
+
+    def get_master_addr_port(self) -> tuple[str, int]:
+        """Rank 0 only: this node's IP and a free port for the process-group rendezvous."""
+        if self.rank != 0:
+            raise RuntimeError("get_master_addr_port() must be asked of rank 0")
+        if self.master_addr is None or self.master_port is None:
+            self.master_addr, self.master_port = ray.util.get_node_ip_address(), find_free_port()
+        return self.master_addr, self.master_port
+
+    # --- setup ----------------------------------------------------------------------------------
+
+    def setup(self, master_addr: str | None = None, master_port: int | None = None) -> dict:
+        start = time.perf_counter()
+        cfg = self.config
+        self.master_addr = master_addr or self.master_addr
+        self.master_port = master_port or self.master_port
+        if self.master_addr is None or self.master_port is None:
+            raise ValueError("no rendezvous address: ask rank 0's get_master_addr_port() and pass it to setup()")
+        threads = cfg["cluster"]["omp_num_threads"]
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(DEFAULT_TORCH_EXTENSIONS_DIR).expanduser()))
+        # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the local device is always index 0.
+        os.environ.update(
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",
+        )
+        gpu = cfg["cluster"]["device"] == "gpu"
+        if gpu:
+            torch.cuda.set_device(0)
+            self.device = torch.device("cuda", 0)
+
+        import deepspeed  # imported after the env above: DeepSpeed reads it at import and init
+
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
+        ds_config = self._deepspeed_config(gpu)
+        model = self._build_model(ds_config)
+        optimizer = self._build_optimizer(model, gpu)
+        self.engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=self._build_scheduler,
+            config=ds_config,
+            dist_init_required=False,
+        )
+        num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        self.timings["setup_s"] = time.perf_counter() - start
+        return {
+            "node_id": self.node_id(),
+            "rank": self.rank,
+            "num_params": num_params,
+            "setup_seconds": self.timings["setup_s"],
+        }
+
+    def _deepspeed_config(self, gpu: bool) -> dict:
+        learner, algorithm = self.config["learner"], self.config["algorithm"]
+        n = self.config["rollout"]["n_samples_per_prompt"]
+        micro = learner["micro_batch_size"]
+        # One optimizer step per PPO mini-batch: its sequences, spread over the ranks, in micro-batches.
+        grad_accum = algorithm["ppo_mini_batch_size"] * n // (self.world_size * micro)
+        zero: dict = {"stage": learner["zero_stage"], "stage3_gather_16bit_weights_on_model_save": False}
+        if gpu and learner["offload_optimizer"]:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if gpu and learner["offload_params"] and learner["zero_stage"] == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        dtype = self.config["model"]["dtype"]
+        return {
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": grad_accum,
+            "train_batch_size": micro * grad_accum * self.world_size,
+            "gradient_clipping": learner["grad_clip"],
+            "zero_optimization": zero,
+            "bf16": {"enabled": dtype == "bfloat16"},
+            "fp16": {"enabled": dtype == "float16"},
+            "zero_allow_untested_optimizer": True,  # torch.optim.AdamW on CPU
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def _build_model(self, ds_config: dict):
+        model_cfg = self.config["model"]
+        import torch._dynamo  # noqa: F401 - must be imported before zero.Init patches module construction
+        from transformers import AutoConfig
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        # zero.Init wraps every nn.Module __init__; a model class imported lazily inside it fails with a
+        # signature-mismatch TypeError, so trigger the (lazy) import of the model class first.
+        hf_config = AutoConfig.from_pretrained(model_cfg["path"], trust_remote_code=model_cfg["trust_remote_code"])
+        if type(hf_config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+            MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
+        # While this object lives, from_pretrained builds the model under zero.Init (each rank holds only
+        # its shard) and loads the checkpoint into the shards. transformers keeps only a weak reference.
+        self._hf_ds_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
+        model = load_causal_lm(
+            model_cfg["path"],
+            dtype=model_cfg["dtype"],
+            trust_remote_code=model_cfg["trust_remote_code"],
+            attn_implementation=model_cfg["attn_implementation"],
+            device=str(self.device),
+        )
+        if model_cfg["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.train()
+
+    def _build_optimizer(self, model, gpu: bool) -> torch.optim.Optimizer:
+        learner = self.config["learner"]
+        kwargs = {"lr": learner["lr"], "betas": tuple(learner["betas"]), "weight_decay": learner["weight_decay"]}
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not gpu:
+            # DeepSpeed's CPU Adam JIT-compiles (~70 s); torch's AdamW is as fast for what runs on CPU.
+            return torch.optim.AdamW(params, **kwargs)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+        adam = DeepSpeedCPUAdam if learner["offload_optimizer"] else FusedAdam
+        return adam(params, **kwargs)  # both default to AdamW (decoupled weight decay)
+
+    def _build_scheduler(self, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """DeepSpeed steps the scheduler once per optimizer step; the schedule is in GRPO steps
+        (trainer.total_steps, learner.lr_warmup_steps), so the LR is constant within a step."""
+        learner, algorithm = self.config["learner"], self.config["algorithm"]
+        per_step = algorithm["train_batch_size"] // algorithm["ppo_mini_batch_size"] * algorithm["ppo_epochs"]
+        warmup, total, kind = learner["lr_warmup_steps"], self.config["trainer"]["total_steps"], learner["lr_scheduler"]
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda opt_step: algo.lr_lambda(opt_step // per_step, warmup, total, kind)
+        )
+
+    # --- log-probs and updates ------------------------------------------------------------------
+
+    def _temperature(self, batch: DataProto) -> float:
+        return algo.logprob_temperature(batch.meta_info, self.config["rollout"]["temperature"])
+
+    def compute_log_probs(self, batch_refs: list, key: str = "old_log_probs") -> DataProto:
+        """This rank's contiguous slice of the concatenated batch -> {key: [b, R]} (+ data_index).
+        The caller concatenates the ranks' results in rank order."""
+        start = time.perf_counter()
+        batch = split_for_ranks(fetch(batch_refs), self.world_size)[self.rank]
+        self.engine.eval()  # as verl: no dropout when scoring (the update runs in train mode)
+        micro = self.config["learner"]["micro_batch_size"]
+        log_probs = algo.response_log_probs(self.engine, batch, micro, self._temperature(batch), self.device)
+        self.timings["log_probs_s"] = time.perf_counter() - start
+        return with_data_index({key: log_probs}, like=batch)
+
+    def update(self, batch_ref) -> dict[str, float]:
+        """PPO epochs over this rank's slice of the step batch; one optimizer step per mini-batch.
+
+        Metrics are mini-batch values (token-weighted over all ranks' micro-batches), averaged over
+        the mini-batches of all epochs; grad_norm is the pre-clip norm; lr the LR of this step.
+        """
+        start = time.perf_counter()
+        cfg, a = self.config, self.config["algorithm"]
+        batch = split_for_ranks(fetch(batch_ref), self.world_size)[self.rank]
+        mini_size = a["ppo_mini_batch_size"] * cfg["rollout"]["n_samples_per_prompt"] // self.world_size
+        if len(batch) % mini_size:
+            raise ValueError(
+                f"each rank got {len(batch)} sequences, not a multiple of its PPO mini-batch share "
+                f"{mini_size} (algorithm.ppo_mini_batch_size * rollout.n_samples_per_prompt / ranks)"
+            )
+        temperature = self._temperature(batch)
+        lr = self.engine.get_lr()[0]
+        self.engine.train()
+        sums: dict[str, float] = defaultdict(float)
+        grad_norms = []
+        for _ in range(a["ppo_epochs"]):
+            # Seeded by the optimizer step count, which checkpoints restore: a resumed run reshuffles alike.
+            gen = torch.Generator().manual_seed(cfg["trainer"]["seed"] * 1_000_003 + self.engine.global_steps)
+            shuffled = batch[torch.randperm(len(batch), generator=gen)]
+            for mini in shuffled.split(mini_size):
+                tokens, sequences = self._global_counts(mini)
+                for micro in mini.split(cfg["learner"]["micro_batch_size"]):
+                    for name, value in self._train_micro_batch(micro, tokens, sequences, temperature).items():
+                        sums[name] += value
+                norm = self.engine.get_global_grad_norm()  # None when fp16 overflow skipped the step
+                grad_norms.append(float("nan") if norm is None else float(norm))
+        names = sorted(sums)
+        totals = torch.tensor([sums[name] for name in names], dtype=torch.float64, device=self.device)
+        dist.all_reduce(totals)  # micro-batch shares of every rank add up to mini-batch values
+        metrics = {name: value / len(grad_norms) for name, value in zip(names, totals.tolist(), strict=True)}
+        metrics["actor/grad_norm"] = float(np.mean(grad_norms))
+        metrics["actor/lr"] = lr
+        self.timings["update_s"] = time.perf_counter() - start
+        return metrics
+
+    def _global_counts(self, mini: DataProto) -> tuple[float, float]:
+        """Valid tokens and non-empty sequences of a mini-batch over all ranks (loss normalisers)."""
+        mask = mini.batch["response_mask"]
+        counts = torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum()], dtype=torch.float64, device=self.device)
+        dist.all_reduce(counts)
+        return counts[0].item(), counts[1].item()
+
+    def _train_micro_batch(self, micro: DataProto, tokens: float, sequences: float, temperature: float) -> dict:
+        a = self.config["algorithm"]
+        data = micro.batch.to(self.device)
+        mask = data["response_mask"]
+        logits = algo.response_logits(self.engine, data, mask.shape[1])
+        log_probs = algo.token_log_probs(logits, data["responses"], temperature)
+        # Each micro-batch loss is its share of the mini-batch loss (times world size: DeepSpeed
+        # averages gradients over ranks); backward without 1/GA scaling sums the shares.
+        share = {"dp_size": self.world_size, "batch_num_tokens": tokens, "global_batch_size": sequences}
+        mode = a["loss_agg_mode"]
+        pg_loss, pg_metrics = algo.policy_loss(
+            data["old_log_probs"], log_probs, data["advantages"], mask, a["clip_ratio"], mode, **share
+        )
+        loss = pg_loss
+        token_share = mask.sum().item() / tokens  # weight of this micro-batch's token means
+        metrics = {
+            "actor/pg_loss": pg_loss.item() / self.world_size,
+            "actor/pg_clipfrac": pg_metrics["actor/pg_clipfrac"] * token_share,
+            "actor/ppo_kl": pg_metrics["actor/ppo_kl"] * token_share,
+        }
+        if a["use_kl_loss"]:
+            kl = algo.kl_loss(log_probs, data["ref_log_probs"], mask, a["kl_loss_type"], mode, **share)
+            loss = loss + a["kl_loss_coef"] * kl
+            metrics["actor/kl_loss"] = kl.item() / self.world_size
+        if a["entropy_coeff"] > 0:
+            entropy = algo.entropy_loss(logits, mask, mode, **share)
+            loss = loss - a["entropy_coeff"] * entropy
+        else:  # metric only: no graph through a second [b, R, V] tensor
+            with torch.no_grad():
+                entropy = algo.entropy_loss(logits.detach(), mask, mode, **share)
+        metrics["actor/entropy"] = entropy.item() / self.world_size
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()  # optimizer step (with grad clipping) only at the accumulation boundary
+        return metrics
+
+    # --- weights and checkpoints ------------------------------------------------------------------
+
+    def _gather_tensors(self) -> dict[str, torch.Tensor] | None:
+        """Full CPU tensors keyed like the HF state_dict (incl. a tied lm_head.weight) on rank 0.
+
+        Parameters are gathered one at a time, so no rank ever holds the whole model on its device.
+        """
+        import deepspeed
+
+        model = self.engine.module
+        params = dict(model.named_parameters(remove_duplicate=False))
+        buffers = dict(model.named_buffers(remove_duplicate=False))
+        out: dict[str, torch.Tensor] = {}
+        seen: dict[int, torch.Tensor] = {}  # tied weights: gather once, share the tensor
+        for name in model.state_dict():  # state_dict order is the same on every rank
+            if name in buffers:
+                out[name] = buffers[name].detach().cpu()
+                continue
+            param = params[name]
+            if id(param) not in seen:
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    seen[id(param)] = param.detach().cpu().clone() if self.rank == 0 else None
+            out[name] = seen[id(param)]
+        return out if self.rank == 0 else None
+
+    def gather_state_dict(self) -> dict[str, np.ndarray] | None:
+        """ALL ranks call. Rank 0 returns {name: numpy array} (the model's dtype; bf16 as float32)."""
+        start = time.perf_counter()
+        tensors = self._gather_tensors()
+        state = None if tensors is None else {name: _numpy(t) for name, t in tensors.items()}
+        self.timings["gather_s"] = time.perf_counter() - start
+        return state
+
+    def save_hf(self, directory: str) -> None:
+        """ALL ranks call. Rank 0 writes an HF model (safetensors) + tokenizer into `directory`."""
+        tensors = self._gather_tensors()
+        if self.rank == 0:
+            model_cfg = self.config["model"]
+            dtype = torch_dtype(model_cfg["dtype"])
+            state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+            self.engine.module.save_pretrained(directory, state_dict=state)
+            tokenizer = load_tokenizer(model_cfg["tokenizer_path"] or model_cfg["path"], model_cfg["trust_remote_code"])
+            tokenizer.save_pretrained(directory)
+        dist.barrier()
+
+    def save_checkpoint(self, directory: str) -> None:
+        """ALL ranks call. DeepSpeed state (ZeRO shards, optimizer, scheduler, step) + HF model in
+        directory/hf. The directory must be reachable from every rank (shared storage on clusters)."""
+        self.engine.save_checkpoint(directory)
+        self.save_hf(os.path.join(directory, "hf"))
+
+    def load_checkpoint(self, directory: str) -> None:
+        """ALL ranks call, after setup(): restores what save_checkpoint wrote."""
+        path, _ = self.engine.load_checkpoint(directory)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint found in {directory!r}")
+
+    def last_timings(self) -> dict[str, float]:
+        """Seconds of the last setup / compute_log_probs / update / gather_state_dict on this rank."""
+        return dict(self.timings)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()

@@ -1,0 +1,202 @@
+"""GRPO math: thin wrappers over verl's `core_algos` with this project's config names.
+
+Loss aggregation across data-parallel ranks and micro-batches follows verl: pass `dp_size`, the
+number of valid tokens in the whole mini-batch (`batch_num_tokens`, all ranks) and the number of
+non-empty sequences in it (`global_batch_size`). Each micro-batch loss is then its share of the
+mini-batch loss times dp_size; summing micro-batch gradients (no 1/GA scaling) and averaging over
+ranks gives exactly the gradient of the mini-batch loss, however the mini-batch is partitioned.
+Without them (the defaults) the loss is the plain local aggregate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from verl.trainer.ppo import core_algos
+from verl.utils import torch_functional as verl_F
+from verl.workers.config.actor import ActorConfig
+
+
+def _global_info(dp_size: int, batch_num_tokens: float | None, global_batch_size: float | None) -> dict:
+    return {"dp_size": dp_size, "batch_num_tokens": batch_num_tokens, "global_batch_size": global_batch_size}
+
+
+def grpo_advantages(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    uid: np.ndarray | list,
+    norm_by_std: bool = True,
+    epsilon: float = 1e-6,
+) -> torch.Tensor:
+    """Outcome advantages: (reward - group mean) / (group std + eps), broadcast over response tokens.
+
+    A group is the samples sharing a `uid`; std is the unbiased one (as verl and the GRPO paper).
+    Returns [B, R], 0 on padding. For GRPO the returns equal the advantages.
+    """
+    advantages, _ = core_algos.compute_grpo_outcome_advantage(
+        token_level_rewards=token_level_rewards,
+        response_mask=response_mask,
+        index=np.asarray(uid, dtype=object),
+        epsilon=epsilon,
+        norm_adv_by_std_in_grpo=norm_by_std,
+    )
+    return advantages
+
+
+def policy_loss(
+    old_log_probs: torch.Tensor,
+    log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_ratio: float,
+    loss_agg_mode: str = "token-mean",
+    *,
+    dp_size: int = 1,
+    batch_num_tokens: float | None = None,
+    global_batch_size: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped surrogate (verl's "vanilla" loss, incl. its dual-clip bound of 3 for A < 0).
+
+    Returns (loss, metrics) with metrics actor/pg_clipfrac, actor/ppo_kl, actor/pg_clipfrac_lower
+    (token means over this micro-batch).
+    """
+    # verl reads the clip range and aggregation info from its ActorConfig; building one is ~0.1 ms.
+    config = ActorConfig(
+        strategy="deepspeed",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=1,
+        clip_ratio=clip_ratio,
+        clip_ratio_low=clip_ratio,
+        clip_ratio_high=clip_ratio,
+        loss_agg_mode=loss_agg_mode,
+        global_batch_info=_global_info(dp_size, batch_num_tokens, global_batch_size),
+    )
+    loss_fn = core_algos.get_policy_loss_fn("vanilla")
+    return loss_fn(
+        old_log_prob=old_log_probs,
+        log_prob=log_probs,
+        advantages=advantages,
+        response_mask=response_mask,
+        loss_agg_mode=loss_agg_mode,
+        config=config,
+    )
+
+
+def kl_loss(
+    log_probs: torch.Tensor,
+    ref_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    kl_type: str = "low_var_kl",
+    loss_agg_mode: str = "token-mean",
+    *,
+    dp_size: int = 1,
+    batch_num_tokens: float | None = None,
+    global_batch_size: float | None = None,
+) -> torch.Tensor:
+    """KL(policy || reference) estimate per token (kl | abs | mse | low_var_kl), aggregated."""
+    if kl_type == "full":
+        # verl's kl_penalty("full") needs full-vocabulary log-probs, which we never materialise.
+        raise ValueError("algorithm.kl_loss_type='full' is not supported; use low_var_kl, kl, abs or mse")
+    kl = core_algos.kl_penalty(log_probs, ref_log_probs, kl_penalty=kl_type)
+    return core_algos.agg_loss(
+        kl, response_mask, loss_agg_mode, **_global_info(dp_size, batch_num_tokens, global_batch_size)
+    )
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's distribution: [B, R, V] -> [B, R]."""
+    return verl_F.entropy_from_logits(logits)
+
+
+def entropy_loss(
+    logits: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    *,
+    dp_size: int = 1,
+    batch_num_tokens: float | None = None,
+    global_batch_size: float | None = None,
+) -> torch.Tensor:
+    """Aggregated entropy of the policy at the response positions (subtract coef * this from the loss)."""
+    return core_algos.agg_loss(
+        token_entropy(logits),
+        response_mask,
+        loss_agg_mode,
+        **_global_info(dp_size, batch_num_tokens, global_batch_size),
+    )
+
+
+def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[labels]: [B, R, V], [B, R] -> [B, R] float32.
+
+    Divides `logits` IN PLACE by the temperature (no second [B, R, V] copy; callers reuse the
+    scaled logits for the entropy, as verl does). verl's log-prob kernel loops over rows (or uses
+    flash-attn's fused cross-entropy on GPU) instead of materialising a full log-softmax.
+    """
+    if temperature != 1.0:
+        logits.div_(temperature)
+    if logits.dtype == torch.float32:
+        return verl_F.logprobs_from_logits(logits, labels)
+    # Half-precision log-softmax loses ~2 digits; upcast one row at a time to bound the extra memory.
+    rows = [verl_F.logprobs_from_logits(row.float(), lab) for row, lab in zip(logits, labels, strict=True)]
+    return torch.stack(rows)
+
+
+def response_logits(model: Any, batch: Any, response_length: int) -> torch.Tensor:
+    """Forward a [B, P+R] batch (a TensorDict/dict with input_ids, attention_mask, position_ids) and
+    return the logits that predict the R response tokens: [B, R, V].
+
+    `logits_to_keep` makes the LM head skip the prompt positions (prompts are long: up to 4k tokens).
+    """
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=response_length + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1]  # position t predicts token t+1: drop the prediction after the last token
+
+
+@torch.no_grad()
+def response_log_probs(
+    model: Any, batch: Any, micro_batch_size: int, temperature: float, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """Log-probs of the response tokens of a DataProto, forward in micro-batches: [B, R] float32 on
+    CPU, 0 on padding. Every caller runs the same number of forwards for the same batch size
+    (ZeRO-3 ranks must: their parameter gathers are collective)."""
+    width = batch.batch["responses"].shape[1]
+    outs = []
+    for micro in batch.split(micro_batch_size):
+        data = micro.batch.to(device)
+        logits = response_logits(model, data, width)
+        log_probs = token_log_probs(logits, data["responses"], temperature) * data["response_mask"]
+        outs.append(log_probs.float().cpu())
+    return torch.cat(outs)
+
+
+def logprob_temperature(meta_info: dict, default: float) -> float:
+    """The temperature log-probs are taken at: the batch's sampling temperature (greedy -> 1)."""
+    temperature = float(meta_info.get("temperature", default))
+    return temperature if temperature > 0 else 1.0
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, kind: str = "constant") -> float:
+    """LR multiplier at `step` (0-based): linear warmup from 0, then constant / cosine / linear decay to 0.
+
+    Same values as transformers' get_{constant,cosine,linear}_schedule_with_warmup (so step 0 of a
+    warmup has lr 0, as in verl and HF).
+    """
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    raise ValueError(f"unknown lr schedule {kind!r}; expected constant, cosine or linear")
