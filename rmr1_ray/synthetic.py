@@ -9,9 +9,13 @@ Splits are by question: a question's text lands on exactly one side.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+
+from rmr1_ray.prompts import PreferencePair, PromptFormat, position_for, render_pair
 
 WORDS = ("apple", "banana", "cherry", "orange", "grape", "lemon", "mango", "peach", "plum", "melon",
          "river", "mountain", "forest", "desert", "island", "valley", "ocean", "planet", "rocket", "garden")
@@ -111,3 +115,33 @@ def reasoning_chain(item: JudgingItem, correct_position: str) -> str:
 def pairwise_row(item: JudgingItem) -> dict[str, str]:
     """A row in the generic pairwise schema that `rmr1 prepare` reads (prompt, chosen, rejected)."""
     return {"prompt": item.question, "chosen": item.correct, "rejected": item.wrong, "kind": item.kind}
+
+
+def write_task_files(out_dir: str | Path, num_questions: int, test_fraction: float, seed: int,
+                     prompt_format: PromptFormat) -> dict[str, Path]:
+    """Write the task in the formats the real jobs read; returns their paths.
+
+    - pairs.jsonl:   train questions in the generic pairwise schema (`rmr1 prepare` -> GRPO prompts)
+    - chains.jsonl:  train questions as teacher chains (`rmr1 prepare` chain_sources -> SFT rows)
+    - test.json:     test questions in RewardBench's format, subset = task kind (`rmr1 eval`)
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"pairs": out / "pairs.jsonl", "chains": out / "chains.jsonl", "test": out / "test.json"}
+    train, test = [], []
+    for item in generate_items(num_questions, seed):
+        (test if split_of(item.question, seed, test_fraction) == "test" else train).append(item)
+    with paths["pairs"].open("w") as pairs, paths["chains"].open("w") as chains:
+        for item in train:
+            pairs.write(json.dumps(pairwise_row(item)) + "\n")
+            uid = hashlib.blake2b(item.question.encode(), digest_size=8).hexdigest()
+            position = position_for(uid, seed)
+            pair = PreferencePair(({"role": "user", "content": item.question},), item.correct, item.wrong)
+            messages, winner = render_pair(pair, position, prompt_format)
+            chain = {"uid": uid, "messages": messages, "winner": winner, "chain": reasoning_chain(item, position),
+                     "source": f"synthetic-{item.kind}", "pass": 1}
+            chains.write(json.dumps(chain) + "\n")
+    rewardbench = [{"id": i, "subset": item.kind, "prompt": item.question, "chosen": item.correct,
+                    "rejected": item.wrong} for i, item in enumerate(test)]
+    paths["test"].write_text(json.dumps(rewardbench))
+    return paths
