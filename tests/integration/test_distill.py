@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,6 +17,7 @@ import pytest
 import ray
 import torch
 from safetensors.torch import load_file
+from servers import write_prompt_rows
 
 from jobs.distill import main
 from jobs.prepare_data import main as prepare_main
@@ -25,9 +25,6 @@ from rmr1_ray.models import load_tokenizer
 from rmr1_ray.sft import collate, summed_nll, tokenize_example
 from rmr1_ray.synthetic import reasoning_chain
 from rmr1_ray.tiny import make_tiny
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
-from servers import write_prompt_rows  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

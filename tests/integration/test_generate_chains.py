@@ -12,13 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from servers import fault_proxy, vllm_server, write_prompt_rows
 
 from jobs.generate_chains import main
 from rmr1_ray.chains import CHAINS_FILE, REJECTED_FILE
 from rmr1_ray.tiny import make_tiny
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared server helpers
-from servers import fault_proxy, vllm_server, write_prompt_rows  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

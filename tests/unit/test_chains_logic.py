@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
 import pytest
+from servers import ChatServer, chat_response, write_prompt_rows
 
 from jobs.generate_chains import main
 from rmr1_ray.chains import CORRECTION_PROMPT, JsonlWriter, correction_messages, read_uids, select_rows
 from rmr1_ray.data.sft import parse_chain
 from rmr1_ray.synthetic import reasoning_chain
 from rmr1_ray.teacher import backoff_s, retry_after_s
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared server helpers
-from servers import ChatServer, chat_response, write_prompt_rows  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
