@@ -1,0 +1,208 @@
+"""ActorGroup: N Ray actors of one plain class, pinned to the bundles of a placement group.
+
+The driver talks to a group, never to single actors:
+- `call_all(method, *args)`: the same call on every worker (collective work: learner ranks);
+- `dispatch(method, items)` + `collect(calls)`: one item per call, round-robin over the workers;
+  collect waits, and when a worker has died it restarts it (same bundle, setup again, replayed
+  state such as the latest weights) and re-runs that worker's items. Dispatched methods return
+  (result, summary) or just a small summary: collect fetches only the summary, which also shows
+  whether the call failed, and hands back the result as an ObjectRef.
+
+Placement groups come from rmr1_ray.placement plans; `create_placement_groups` reserves them, and
+several groups share one when colocated. Learner ranks and the reference are not restarted: a
+ZeRO-3 rank cannot rejoin a running process group (resume from a checkpoint instead).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rmr1_ray.placement import PlacementError, PlacementPlan
+
+# DeepSpeed JIT-builds its shared-memory comm op (~55 s) into this directory; a stable path makes every
+# later actor, run and test reuse the build.
+TORCH_EXTENSIONS_DIR = "~/.cache/rmr1-ray/torch_extensions"
+
+
+def worker_env(omp_num_threads: int) -> dict[str, str]:
+    """Environment of every actor: one thread pool size per actor (Ray places actors by CPU count, so
+    library defaults of one thread per core would oversubscribe the node)."""
+    return {
+        "OMP_NUM_THREADS": str(omp_num_threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser(TORCH_EXTENSIONS_DIR)),
+    }
+
+
+def create_placement_groups(plans: Sequence[PlacementPlan], prefix: str, timeout_s: float) -> dict[str, PlacementGroup]:
+    """Reserve one placement group per plan; returns actor-group name -> its placement group."""
+    by_group: dict[str, PlacementGroup] = {}
+    created = []
+    for plan in plans:
+        pg = placement_group(list(plan.bundles), strategy=plan.strategy, name=f"{prefix}{plan.name}")
+        created.append(pg)
+        try:
+            ray.get(pg.ready(), timeout=timeout_s)
+        except GetTimeoutError:
+            for other in created:
+                remove_placement_group(other)
+            raise PlacementError(
+                f"placement group {plan.name!r} ({len(plan.bundles)} bundles of {plan.bundles[0]}, {plan.strategy}) "
+                f"was not placed within {timeout_s:g} s: the resources exist but not free or not on suitable nodes"
+            ) from None
+        by_group.update({g.name: pg for g in plan.groups})
+    return by_group
+
+
+@dataclass
+class Calls:
+    """Dispatched calls in flight: item i went to worker `workers[i]` (the handle `handles[i]`)."""
+
+    method: str
+    items: list[tuple]
+    workers: list[int]
+    handles: list[Any]
+    refs: list[Any]  # per item: an ObjectRef, or a list of them when num_returns > 1
+    num_returns: int
+
+
+class ActorGroup:
+    def __init__(
+        self,
+        name: str,
+        actor_cls: type,
+        num_workers: int,
+        per_worker: dict[str, float],
+        pg: PlacementGroup,
+        make_args: Callable[[int], tuple],
+        env_vars: dict[str, str],
+        prefix: str = "",
+        max_restarts: int = 0,
+    ) -> None:
+        self.name, self.num_workers, self.per_worker = name, num_workers, per_worker
+        self.pg, self.make_args, self.env_vars, self.prefix = pg, make_args, env_vars, prefix
+        self.max_restarts, self.restarts = max_restarts, 0
+        self._remote = ray.remote(actor_cls)
+        self._setup_args: tuple = ()
+        self._replay: dict[str, tuple] = {}  # method -> args, re-applied to a restarted worker
+        self.actors = [self._create(i) for i in range(num_workers)]
+
+    def actor_name(self, index: int) -> str:
+        # A restarted worker gets a new name: the dead one's name may not be released yet.
+        suffix = f".{self.restarts}" if self.restarts else ""
+        return f"{self.prefix}{self.name}-{index}{suffix}"
+
+    def _create(self, index: int):
+        custom = {k: v for k, v in self.per_worker.items() if k not in ("CPU", "GPU")}
+        return self._remote.options(
+            name=self.actor_name(index),
+            num_cpus=self.per_worker.get("CPU", 0),
+            num_gpus=self.per_worker.get("GPU", 0),
+            resources=custom or None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index),
+            runtime_env={"env_vars": self.env_vars},
+        ).remote(*self.make_args(index))
+
+    # --- calls --------------------------------------------------------------------------------
+
+    def setup(self, *args) -> list:
+        """Start every worker's setup(*args) (also re-run on a restarted worker) -> refs of their infos.
+        Not blocking, so the groups load their models at the same time."""
+        self._setup_args = args
+        return self.call_all("setup", *args)
+
+    def call_all(self, method: str, *args, num_returns: int = 1) -> list:
+        return [getattr(a, method).options(num_returns=num_returns).remote(*args) for a in self.actors]
+
+    def dispatch(self, method: str, items: Sequence, num_returns: int = 1) -> Calls:
+        """Call `method(item)` for each item, item i on worker i % num_workers (a tuple item is the
+        argument list). ObjectRefs in items are resolved by Ray on the worker."""
+        args = [item if isinstance(item, tuple) else (item,) for item in items]
+        workers = [i % self.num_workers for i in range(len(args))]
+        handles = [self.actors[w] for w in workers]
+        refs = [getattr(h, method).options(num_returns=num_returns).remote(*a) for h, a in zip(handles, args, strict=True)]
+        return Calls(method, args, workers, handles, refs, num_returns)
+
+    def collect(self, calls: Calls) -> tuple[list, list]:
+        """Wait for dispatched calls -> (result refs, summaries), in item order.
+
+        With num_returns=2 a result ref is the call's first return (left in the object store) and the
+        summary its second, fetched; with num_returns=1 the result refs are None and the summaries
+        the return values. A call whose worker died is re-run on the restarted worker.
+        """
+        results: list = [None] * len(calls.items)
+        summaries: list = [None] * len(calls.items)
+        pending = list(range(len(calls.items)))
+        while pending:
+            failed = []
+            for i in pending:
+                refs = calls.refs[i] if calls.num_returns > 1 else [calls.refs[i]]
+                try:
+                    summaries[i] = ray.get(refs[-1])
+                    results[i] = refs[0] if calls.num_returns > 1 else None
+                except RayActorError as exc:
+                    failed.append(i)
+                    print(f"[{self.name}] worker {calls.workers[i]} died during {calls.method}: {type(exc).__name__}; "
+                          "restarting it and retrying its work", flush=True)
+            for i in failed:
+                worker = calls.workers[i]
+                if calls.handles[i] is self.actors[worker]:  # not replaced yet by an earlier failure
+                    self.restart(worker)
+                calls.handles[i] = self.actors[worker]
+                method = getattr(self.actors[worker], calls.method).options(num_returns=calls.num_returns)
+                calls.refs[i] = method.remote(*calls.items[i])
+            pending = failed
+        return results, summaries
+
+    def run(self, method: str, items: Sequence, num_returns: int = 1) -> tuple[list, list]:
+        return self.collect(self.dispatch(method, items, num_returns))
+
+    # --- faults -------------------------------------------------------------------------------
+
+    def remember(self, method: str, *args) -> None:
+        """Re-apply `method(*args)` to a restarted worker (the latest call per method wins), e.g. the
+        latest weights: the args (an ObjectRef) stay referenced, so the object store keeps them."""
+        self._replay[method] = args
+
+    def restart(self, index: int) -> None:
+        if self.restarts >= self.max_restarts:
+            raise RuntimeError(
+                f"{self.name} worker {index} died and the group has used all {self.max_restarts} restarts "
+                "(trainer.max_actor_restarts)"
+            )
+        start = time.perf_counter()
+        ray.kill(self.actors[index], no_restart=True)  # it may still be alive but unreachable
+        self.restarts += 1
+        actor = self._create(index)
+        ray.get(actor.setup.remote(*self._setup_args))
+        for method, args in self._replay.items():
+            ray.get(getattr(actor, method).remote(*args))
+        self.actors[index] = actor
+        print(f"[{self.name}] worker {index} restarted as {self.actor_name(index)} in {time.perf_counter() - start:.1f} s",
+              flush=True)
+
+    # --- info and teardown --------------------------------------------------------------------
+
+    def node_ids(self) -> list[str]:
+        return ray.get(self.call_all("node_id"))
+
+    def shutdown(self) -> None:
+        """Kill the workers. The placement group is released by `remove_placement_groups` (it may be
+        shared with other groups)."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+
+
+def remove_placement_groups(pgs: dict[str, PlacementGroup]) -> None:
+    for pg in {id(pg): pg for pg in pgs.values()}.values():
+        remove_placement_group(pg)

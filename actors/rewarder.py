@@ -1,0 +1,77 @@
+"""VerdictRewarder: RM-R1's rule-based reward for a batch of judgements (no model).
+
+The rewarder group also assembles each step's training batch (the join of all stages' pieces plus
+GRPO advantages, rmr1_ray.step_batch) and cuts sample tables: it is the group that holds no model,
+and a long-lived actor spares the driver a fresh Python process (torch + verl imports, seconds) per
+step, which is what a Ray task costs once placement groups hold every CPU.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from rmr1_ray.batch import DataProto, with_data_index
+from rmr1_ray.step_batch import assemble_from_refs
+from rmr1_ray.verdict import RewardSpec, parse_judgement, rm_r1_reward, verdict_reward
+
+
+class VerdictRewarder:
+    """A plain class: the driver wraps it with `ray.remote` in a placement group."""
+
+    def __init__(self, config: dict, worker_index: int) -> None:
+        r = config["reward"]
+        self.spec = RewardSpec(
+            correct=r["correct"], wrong=r["wrong"], format_bonus=r["format_bonus"], format_penalty=r["format_penalty"]
+        )
+        self.worker_index = worker_index
+
+    def setup(self) -> dict:
+        return {"node_id": self.node_id(), "worker_index": self.worker_index}
+
+    def score(self, batch: DataProto) -> tuple[DataProto, dict]:
+        """A rollout batch -> ({token_level_rewards [B, R]} + data_index, per-sample stats).
+
+        The sequence reward sits on the last response token (0 elsewhere), as GRPO's outcome
+        advantage expects. Stats: reward, correct (RM-R1's verdict check), format_valid (the strict
+        chain-of-rubrics parse), data_index, uid.
+        """
+        start = time.perf_counter()
+        nt = batch.non_tensor_batch
+        texts, winners = nt["response_text"], nt["winner"]
+        rewards = [verdict_reward(text, winner, self.spec) for text, winner in zip(texts, winners, strict=True)]
+        mask = batch.batch["response_mask"]
+        token_level = torch.zeros(mask.shape, dtype=torch.float32)
+        last = (mask.sum(-1) - 1).clamp(min=0)
+        token_level[torch.arange(len(batch)), last] = torch.tensor(rewards, dtype=torch.float32)
+        stats = {
+            "reward": rewards,
+            "correct": [rm_r1_reward(text, winner) > 0 for text, winner in zip(texts, winners, strict=True)],
+            "format_valid": [parse_judgement(text).format_valid for text in texts],
+            "data_index": [int(i) for i in nt["data_index"]],
+            "uid": [str(u) for u in nt["uid"]],
+            "seconds": time.perf_counter() - start,
+        }
+        return with_data_index({"token_level_rewards": token_level}, like=batch), stats
+
+    def assemble(
+        self, rollouts: list, rewards: list, ref_log_probs: list, old_log_probs: list, norm_adv_by_std: bool
+    ) -> tuple[DataProto, dict]:
+        """Lists of ObjectRefs of the step's pieces -> (step batch, diagnostics); see step_batch.assemble."""
+        return assemble_from_refs(rollouts, rewards, ref_log_probs, old_log_probs, norm_adv_by_std)
+
+    def sample_rows(self, batch: DataProto, max_prompts: int) -> list[dict]:
+        """The scored generations of a rollout batch's first `max_prompts` prompts (for the samples table)."""
+        nt = batch.non_tensor_batch
+        keep = set(list(dict.fromkeys(nt["uid"]))[:max_prompts])  # the first prompts, in batch order
+        return [
+            {"uid": uid, "data_index": int(index), "winner": winner, "reward": verdict_reward(text, winner, self.spec),
+             "response": text}
+            for uid, index, winner, text in zip(nt["uid"], nt["data_index"], nt["winner"], nt["response_text"], strict=True)
+            if uid in keep
+        ]
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()

@@ -1,0 +1,110 @@
+"""RolloutWorker: samples judgements for a batch of judge prompts with a generation engine."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import ray
+import torch
+
+from rmr1_ray.batch import DataProto
+from rmr1_ray.engines import SamplingParams, make_engine
+from rmr1_ray.models import load_tokenizer
+
+
+def _object_array(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)  # np.array() would turn equal-length lists into a 2-D array
+    out[:] = values
+    return out
+
+
+class RolloutWorker:
+    """One engine replica. A plain class: the driver wraps it with `ray.remote` in a placement group."""
+
+    def __init__(self, config: dict, worker_index: int) -> None:
+        self.config = config  # TrainConfig.model_dump(); nothing heavy happens before setup()
+        self.worker_index = worker_index
+        self.engine = None
+        self.tokenizer = None
+
+    def setup(self) -> dict:
+        start = time.perf_counter()
+        threads = self.config["cluster"]["omp_num_threads"]
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+        model = self.config["model"]
+        self.tokenizer = load_tokenizer(model["tokenizer_path"] or model["path"], model["trust_remote_code"])
+        device = "cuda" if self.config["cluster"]["device"] == "gpu" else "cpu"
+        self.engine = make_engine(self.config["rollout"]["engine"], model, self.config["rollout"], device)
+        return {"node_id": self.node_id(), "worker_index": self.worker_index, "setup_seconds": time.perf_counter() - start}
+
+    def _sampling_params(self, seed: int | None) -> SamplingParams:
+        r = self.config["rollout"]
+        return SamplingParams(
+            n=r["n_samples_per_prompt"],
+            temperature=r["temperature"],
+            top_p=r["top_p"],
+            top_k=r["top_k"],
+            max_new_tokens=r["max_new_tokens"],
+            stop=tuple(r["stop"]),
+            stop_token_ids=tuple(r["stop_token_ids"]),
+            seed=seed,
+        )
+
+    def generate(self, prompts: DataProto) -> tuple[DataProto, dict]:
+        """Prompt rows (non-tensor messages, uid, winner, data_index; meta_info seed) ->
+        (n samples per prompt as a DataProto, a small summary for the driver).
+
+        A sample's data_index is prompt data_index * n + k, so the samples of a step batch are
+        numbered 0..B*n-1 whichever worker made them. The summary is what the driver reads (it never
+        pulls the batch); it also tells the driver this worker is alive.
+        """
+        start = time.perf_counter()
+        n = self.config["rollout"]["n_samples_per_prompt"]
+        max_prompt = self.config["data"]["max_prompt_length"]
+        nt = prompts.non_tensor_batch
+        prompt_ids = []
+        for uid, messages in zip(nt["uid"], nt["messages"], strict=True):
+            text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > max_prompt:  # the prepare job filters these with the same tokenizer
+                raise ValueError(f"prompt {uid!r} has {len(ids)} tokens > data.max_prompt_length={max_prompt}")
+            prompt_ids.append(ids)
+
+        batch = self.engine.generate(prompt_ids, self._sampling_params(prompts.meta_info.get("seed")))
+        mask = batch.batch["response_mask"]
+        lengths = mask.sum(-1)
+        texts = [self.tokenizer.decode(ids[:n_tokens]) for ids, n_tokens in zip(batch.batch["responses"], lengths.tolist(), strict=True)]
+        batch.non_tensor_batch.update(
+            uid=np.repeat(nt["uid"], n),
+            winner=np.repeat(nt["winner"], n),
+            data_index=_object_array([int(i) * n + k for i in nt["data_index"] for k in range(n)]),
+            response_text=_object_array(texts),
+        )
+        seconds = time.perf_counter() - start
+        summary = {
+            "num_samples": len(batch),
+            "prompt_tokens": int(batch.batch["attention_mask"].sum() - lengths.sum()),
+            "response_tokens": int(lengths.sum()),
+            "response_lengths": lengths.tolist(),
+            "truncated": int((lengths >= self.config["rollout"]["max_new_tokens"]).sum()),
+            "seconds": seconds,
+        }
+        return batch, summary
+
+    def load_weights(self, state: dict[str, np.ndarray]) -> dict:
+        """A full numpy state dict (the driver passes the learner's ObjectRef; Ray resolves it here
+        zero-copy) -> the engine's weights."""
+        start = time.perf_counter()
+        self.engine.load_weights(state)
+        return {"bytes": sum(a.nbytes for a in state.values()), "seconds": time.perf_counter() - start}
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None

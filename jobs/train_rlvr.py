@@ -1,0 +1,208 @@
+"""GRPO with verifiable rewards (RM-R1's RL stage) on separate Ray actor groups.
+
+    python -m jobs.train_rlvr --config configs/tiny-cpu/train.yaml [key=value ...] [--resume]
+    rmr1 train ...                                                    (the same)
+
+One step, as data. The driver holds ObjectRefs; batches move between groups through the object store:
+
+    prompts (parquet) -> rollout.generate          -> samples (n per prompt, with rollout log-probs)
+    samples           -> rewarder.score            -> rewards          }
+    samples           -> reference                 -> ref log-probs    } at the same time
+    samples           -> learner.compute_log_probs -> old log-probs    }
+    all of them       -> rewarder.assemble         -> step batch with GRPO advantages
+    step batch        -> learner.update            -> metrics (PPO mini-batches, clip, KL loss)
+    learner           -> rollout workers           weights (one numpy state dict in the object store)
+
+Outputs in trainer.output_dir: config.resolved.yaml, metrics.jsonl, samples/, checkpoints/step_N/,
+final/ (the trained judge as an HF model), wandb/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from actors.group import ActorGroup, create_placement_groups, remove_placement_groups, worker_env
+from actors.learner import PolicyLearner
+from actors.reference import ReferenceModel
+from actors.rewarder import VerdictRewarder
+from actors.rollout import RolloutWorker
+from rmr1_ray.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
+from rmr1_ray.config import job_parser, parse_job_config, save_resolved
+from rmr1_ray.config.train import TrainConfig
+from rmr1_ray.data.prompt_batches import DataPosition, PromptBatches
+from rmr1_ray.engines import check_engine
+from rmr1_ray.placement import PlacementError, ensure_resources, group_specs, plan_placement
+from rmr1_ray.ray_utils import init_ray
+from rmr1_ray.tracking import Tracker, new_run_id, rollout_metrics, wait_timed
+from rmr1_ray.weight_sync import sync_weights
+
+SAMPLE_PROMPTS_PER_BATCH = 4  # prompts per rollout batch shown in the samples table
+ACTOR_CLASSES = {"learner": PolicyLearner, "reference": ReferenceModel, "rollout": RolloutWorker,
+                 "rewarder": VerdictRewarder}
+
+
+def build_parser():
+    parser = job_parser(
+        "rmr1 train",
+        "GRPO (RLVR) training of a reasoning reward model on Ray actor groups.",
+        TrainConfig,
+        "rmr1 train --config configs/tiny-cpu/train.yaml trainer.total_steps=3",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in trainer.output_dir")
+    return parser
+
+
+def constructor_args(group: str, cfg: dict, index: int, num_workers: int) -> tuple:
+    if group == "learner":
+        return cfg, index, num_workers  # rank, world size
+    if group == "reference":
+        return (cfg,)
+    return cfg, index
+
+
+def rollout_seed(base: int, step: int, chunk: int) -> int:
+    """Sampling seed of one rollout batch: fixed by (seed, step, batch), not by which worker runs it, so
+    a retried batch and a resumed run sample exactly the same tokens."""
+    return int(np.random.SeedSequence([base, step, chunk]).generate_state(1)[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    config, args = parse_job_config(parser, TrainConfig, argv)
+    trainer = config.trainer
+    out = Path(trainer.output_dir)
+
+    # Resume: the latest complete checkpoint, or a fresh start when there is none yet (so a preemptible
+    # job can always be launched with --resume). A fresh run never mixes with an earlier run's files.
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None and not args.resume:
+        parser.exit(2, f"{parser.prog}: {out} holds checkpoints of an earlier run ({checkpoint.name}); pass --resume "
+                       "to continue it or choose another trainer.output_dir\n")
+    state = load_trainer_state(checkpoint) if checkpoint is not None else {}
+    start_step = state.get("step", 0)
+    save_resolved(config, out)
+    check_engine(config.rollout.engine)
+
+    # Placement: the whole plan is checked against the cluster before any actor starts.
+    init_ray(config.cluster.address)
+    try:
+        specs = group_specs(config)
+        plans = plan_placement(specs, config.cluster.colocate)
+        ensure_resources(plans, config.cluster.wait_for_resources_s)
+    except PlacementError as exc:
+        parser.exit(2, f"{parser.prog}: {exc}\n")
+
+    cfg = config.model_dump()
+    run_id = state.get("wandb_run_id") or new_run_id()
+    prefix = f"rmr1-{uuid.uuid4().hex[:6]}-"  # actor names of this launch (tests look them up)
+    env = worker_env(config.cluster.omp_num_threads)
+    pgs = create_placement_groups(plans, prefix, timeout_s=max(60.0, config.cluster.wait_for_resources_s))
+    groups: dict[str, ActorGroup] = {}
+    tracker = None
+    try:
+        for spec in specs:
+            # Only rollout and rewarder workers are restarted: a ZeRO-3 rank cannot rejoin its group.
+            restarts = trainer.max_actor_restarts if spec.name in ("rollout", "rewarder") else 0
+            make_args = functools.partial(constructor_args, spec.name, cfg, num_workers=spec.num_workers)
+            groups[spec.name] = ActorGroup(spec.name, ACTOR_CLASSES[spec.name], spec.num_workers, spec.per_worker,
+                                           pgs[spec.name], make_args, env, prefix, restarts)
+        learner, rollout, rewarder = groups["learner"], groups["rollout"], groups["rewarder"]
+        reference = groups.get("reference")
+
+        start = time.perf_counter()
+        master = ray.get(learner.actors[0].get_master_addr_port.remote())  # rank 0's rendezvous address
+        infos = ray.get([*learner.setup(*master), *rollout.setup(), *rewarder.setup(),
+                         *(reference.setup() if reference else [])])
+        nodes = {name: len(set(group.node_ids())) for name, group in groups.items()}
+        print(f"actor groups up in {time.perf_counter() - start:.1f} s: "
+              + ", ".join(f"{name} {g.num_workers} worker(s) on {nodes[name]} node(s)" for name, g in groups.items())
+              + f"; policy has {infos[0]['num_params']:,} parameters", flush=True)
+
+        if checkpoint is not None:
+            ray.get(learner.call_all("load_checkpoint", str(checkpoint)))
+            sync_weights(learner, rollout)  # the rollout engines start from the checkpointed policy
+            restore_rng(state["rng"])
+            print(f"resumed from {checkpoint} (step {start_step})", flush=True)
+
+        data = PromptBatches(config.data.train_path, config.algorithm.train_batch_size, trainer.seed,
+                             config.data.shuffle, DataPosition(**state.get("data", {})))
+        tracker = Tracker(out, config.tracking, cfg, run_id, trainer.total_steps, start_step)
+
+        for step in range(start_step + 1, trainer.total_steps + 1):
+            step_start = time.perf_counter()
+            prompts = data.next()
+
+            # 1. generate: one equal share of the prompts per rollout worker
+            chunks = prompts.chunk(rollout.num_workers)
+            for i, chunk in enumerate(chunks):  # chunks share one meta_info dict: give each its own
+                chunk.meta_info = {**chunk.meta_info, "seed": rollout_seed(config.rollout.seed, step, i)}
+            samples, generated = rollout.run("generate", chunks, num_returns=2)
+            times = {"time/generate": time.perf_counter() - step_start}
+
+            # 2. reward, reference and old log-probs: independent, so they run at the same time
+            stage_start = time.perf_counter()
+            reward_calls = rewarder.dispatch("score", samples, num_returns=2)
+            ref_refs = []
+            if reference is not None:
+                shards = [samples[i :: reference.num_workers] for i in range(reference.num_workers)]
+                ref_refs = reference.dispatch("compute_log_probs", [s for s in shards if s]).refs
+            old_refs = learner.call_all("compute_log_probs", samples, "old_log_probs")
+            times.update(wait_timed(stage_start, {"reward": [refs[-1] for refs in reward_calls.refs],
+                                                  "reference": ref_refs, "old_log_prob": old_refs}))
+            retry_start = time.perf_counter()
+            rewards, scored = rewarder.collect(reward_calls)  # re-runs the work of a rewarder that died
+            times["time/reward"] += time.perf_counter() - retry_start
+
+            # 3. join the pieces and add GRPO advantages, on a rewarder worker (the driver holds no tensors)
+            stage_start = time.perf_counter()
+            pieces = (samples, rewards, ref_refs, old_refs, config.algorithm.norm_adv_by_std)
+            [batch], [batch_stats] = rewarder.run("assemble", [pieces], num_returns=2)
+            times["time/advantages"] = time.perf_counter() - stage_start
+
+            # 4. PPO update on every learner rank (each takes its slice of the step batch)
+            stage_start = time.perf_counter()
+            update = ray.get(learner.call_all("update", batch))[0]  # ranks all-reduce: identical metrics
+            times["time/update"] = time.perf_counter() - stage_start
+
+            # 5. weight sync learner -> rollout
+            sync = sync_weights(learner, rollout)
+
+            metrics = {**rollout_metrics(generated, scored), **batch_stats, **update, **sync, **times}
+            metrics["time/step"] = time.perf_counter() - step_start
+            metrics["perf/gen_tokens_per_s"] = metrics["perf/gen_tokens"] / times["time/generate"]
+            metrics.update({"data/epoch": prompts.meta_info["epoch"], "faults/rollout_restarts": rollout.restarts,
+                            "faults/rewarder_restarts": rewarder.restarts})
+            tracker.log(metrics, step)
+            if tracker.should_log_samples(step):
+                _, parts = rewarder.run("sample_rows", [(s, SAMPLE_PROMPTS_PER_BATCH) for s in samples])
+                tracker.log_samples([row for part in parts for row in part], step)
+
+            # 6. checkpoint every trainer.save_every steps and at the end
+            if step == trainer.total_steps or (trainer.save_every and step % trainer.save_every == 0):
+                saved_at = time.perf_counter()
+                path = save_checkpoint(
+                    out, step, {"data": dataclasses.asdict(data.position), "wandb_run_id": run_id},
+                    lambda directory: ray.get(learner.call_all("save_checkpoint", directory)), trainer.keep_last,
+                )
+                print(f"saved {path} in {time.perf_counter() - saved_at:.1f} s", flush=True)
+
+        ray.get(learner.call_all("save_hf", str(out / "final")))
+        print(f"final model: {out / 'final'}", flush=True)
+        return 0
+    finally:
+        if tracker is not None:
+            tracker.finish()
+        for group in groups.values():
+            group.shutdown()
+        remove_placement_groups(pgs)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""The generation-engine interface: what a rollout worker needs from an inference backend.
+
+An engine turns prompt token ids into a batch in the DataProto layout of rmr1_ray.batch (built with
+`pad_and_assemble`), including `rollout_log_probs`: the log-prob of each sampled token under the
+engine's own weights at the sampling temperature, before top-p/top-k filtering, which is what the
+learner computes for the PPO ratio. Samples of one prompt come out next to each other.
+
+Backends: `hf` (transformers' generate; any machine) and, next, `vllm` behind the same interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from rmr1_ray.batch import DataProto
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """vLLM's names and meanings, so the vLLM engine can pass them through."""
+
+    n: int = 1  # samples per prompt
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()  # stop strings (kept in the response)
+    stop_token_ids: tuple[int, ...] = ()  # extra end tokens besides the model's EOS ids
+    seed: int | None = None  # same seed, prompts and weights -> same samples
+
+
+class GenerationEngine(Protocol):
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> DataProto:
+        """len(prompt_token_ids) * params.n sequences, the n samples of a prompt contiguous; the batch
+        has the tensor keys of pad_and_assemble plus rollout_log_probs, and meta_info temperature."""
+        ...
+
+    def load_weights(self, state: dict[str, np.ndarray]) -> None:
+        """Replace all weights with a full state dict keyed like the HF model's state_dict()."""
+        ...
+
+    def shutdown(self) -> None: ...
