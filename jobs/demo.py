@@ -46,9 +46,8 @@ def run_job(module_main: Callable[[list[str]], int], args: list[str]) -> None:
 
 
 def held_out_accuracy(eval_dir: Path) -> tuple[float, int]:
-    summary = json.loads((eval_dir / "summary.json").read_text())
-    bench = summary["benchmarks"]["rewardbench"]
-    return bench["absolute"], summary["verdicts"]["error"]
+    scores = json.loads((eval_dir / "summary.json").read_text())["scores"]["rewardbench"]
+    return scores["absolute"], scores["verdicts"]["error"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             f"chain_sources=[{{name: synthetic-chains, path: {out / 'raw' / 'chains.jsonl'}}}]",
         ])
         stats = json.loads((data / "stats.json").read_text())
-        return f"{stats['preference']['kept']['train']} GRPO prompts, {stats['sft']['kept']['train']} SFT rows"
+        return f"{stats['preference']['rows']['train']} GRPO prompts, {stats['sft']['rows']['train']} SFT rows"
 
     def sft() -> str:
         run_job(distill.main, [
@@ -110,19 +109,22 @@ def main(argv: list[str] | None = None) -> int:
             "--config", f"{TINY}/train.yaml", f"model.path={out}/distill/final", f"data.train_path={data}/train",
             f"trainer.output_dir={out}/grpo", f"trainer.total_steps={config.grpo_steps}",
             f"rollout.max_new_tokens={config.grpo_max_new_tokens}", f"trainer.seed={config.seed}",
-            f"trainer.save_every={config.grpo_steps}",
+            f"trainer.save_every={config.grpo_steps}", f"learner.lr={config.grpo_lr}",
+            f"algorithm.entropy_coeff={config.grpo_entropy_coeff}",
         ])
         rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").open()]
         rewards = [r["reward/mean"] for r in rows if "reward/mean" in r]
         return f"reward mean {rewards[0]:+.3f} (step 1) -> {rewards[-1]:+.3f} (step {len(rewards)})"
 
     def serve() -> str:
+        from actors.learner import find_free_port
         from rmr1_ray.config import load_config
         from rmr1_ray.config.serve import ServeConfig
         from rmr1_ray.serving.client import JudgeClient
 
         serve_config = load_config(ServeConfig, f"{TINY}/serve.yaml", [f"model.path={out}/grpo/final",
-                                                                      f"prompt_format={fmt}", "http.api_key_env=null"])
+                                                                      f"prompt_format={fmt}", "http.api_key_env=null",
+                                                                      f"http.port={find_free_port()}"])
         url = serve_judge.deploy(serve_config)
         try:
             answer = JudgeClient(url, timeout=120).judge(question="What is 7 * 6?", response_a="7 * 6 = 42.",

@@ -21,4 +21,8 @@ class DemoConfig(Strict):
     grpo_steps: int = Field(6, ge=1)
     eval_max_new_tokens: int = Field(96, ge=8)
     grpo_max_new_tokens: int = Field(96, ge=8)
+    # After SFT the judge writes chains; GRPO then only sharpens it. The tiny-cpu train config's
+    # entropy bonus exists to move a *random* model, and would undo the SFT here.
+    grpo_lr: float = Field(5e-5, gt=0)
+    grpo_entropy_coeff: float = Field(0.0, ge=0)
     serve: bool = Field(True, description="start the Serve judge at the end and send it one request")
