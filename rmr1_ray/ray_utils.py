@@ -1,0 +1,30 @@
+"""Connecting a job to Ray: one place, so every job behaves the same on a laptop and on a cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+# Threads per worker process: Ray runs one task per CPU, so library thread pools (OpenMP, the
+# tokenizers' Rayon pool) would only oversubscribe the cores. A value set by the user wins.
+WORKER_ENV_DEFAULTS = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to `address` (else RAY_ADDRESS), or start a local cluster with `num_cpus` CPUs
+    (also when `address` is "local", whatever RAY_ADDRESS says: what tests use).
+
+    Idempotent: does nothing when Ray is already initialised (tests and callers that set Ray up
+    themselves keep their cluster). A local cluster binds to 127.0.0.1 and runs no dashboard.
+    """
+    if ray.is_initialized():
+        return
+    env_vars = {key: os.environ.get(key, value) for key, value in WORKER_ENV_DEFAULTS.items()}
+    common = {"runtime_env": {"env_vars": env_vars}, "logging_level": logging.WARNING}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, **common)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **common)
