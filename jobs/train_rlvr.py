@@ -34,6 +34,7 @@ from actors.reference import ReferenceModel
 from actors.rewarder import VerdictRewarder
 from actors.rollout import RolloutWorker
 from rmr1_ray.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
+from rmr1_ray.cluster_capacity import check_reachable
 from rmr1_ray.config import job_parser, parse_job_config, save_resolved
 from rmr1_ray.config.train import TrainConfig
 from rmr1_ray.data.prompt_batches import DataPosition, PromptBatches
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         specs = group_specs(config)
         plans = plan_placement(specs, config.cluster.colocate)
+        check_reachable(plans)  # an autoscaling cluster that can never fit the plan fails now, not after the wait
         ensure_resources(plans, config.cluster.wait_for_resources_s)
     except PlacementError as exc:
         parser.exit(2, f"{parser.prog}: {exc}\n")
@@ -120,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         master = ray.get(learner.actors[0].get_master_addr_port.remote())  # rank 0's rendezvous address
         infos = ray.get([*learner.setup(*master), *rollout.setup(), *rewarder.setup(),
                          *(reference.setup() if reference else [])])
-        nodes = {name: len(set(group.node_ids())) for name, group in groups.items()}
+        nodes = {name: sorted(set(group.node_ids())) for name, group in groups.items()}
         print(f"actor groups up in {time.perf_counter() - start:.1f} s: "
-              + ", ".join(f"{name} {g.num_workers} worker(s) on {nodes[name]} node(s)" for name, g in groups.items())
+              + ", ".join(f"{name} {g.num_workers} worker(s) on node(s) {','.join(n[:12] for n in nodes[name])}"
+                          for name, g in groups.items())
               + f"; policy has {infos[0]['num_params']:,} parameters", flush=True)
 
         if checkpoint is not None:

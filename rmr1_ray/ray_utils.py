@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -21,7 +22,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """
     if ray.is_initialized():
         return
-    env_vars = {key: os.environ.get(key, value) for key, value in WORKER_ENV_DEFAULTS.items()}
+    # Under `ray job submit`, env vars the job's own runtime env sets win; repeating them in
+    # ray.init makes Ray refuse to merge the two runtime envs.
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}).get("env_vars", {})
+    env_vars = {key: os.environ.get(key, value) for key, value in WORKER_ENV_DEFAULTS.items() if key not in job_env}
     common = {"runtime_env": {"env_vars": env_vars}, "logging_level": logging.WARNING}
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":

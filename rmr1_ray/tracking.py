@@ -42,7 +42,8 @@ class Tracker:
         self._drop_lines_after(start_step)
         self._step_seconds: list[float] = []
         self.wandb_run = None
-        if tracking.wandb_mode != "disabled":
+        mode = tracking.resolved_wandb_mode
+        if mode != "disabled":
             import wandb  # lazy: slow to import, and optional
 
             self.wandb_run = wandb.init(
@@ -50,7 +51,7 @@ class Tracker:
                 entity=tracking.entity,
                 name=tracking.run_name,
                 dir=str(self.out_dir),
-                mode=tracking.wandb_mode,
+                mode=mode,
                 config=config,
                 id=run_id,
                 resume="allow",  # a resumed run keeps logging into the same W&B run

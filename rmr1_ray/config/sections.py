@@ -64,6 +64,12 @@ class TrackingConfig(Strict):
     project: str = "rmr1-ray"
     entity: str | None = None
     run_name: str | None = None
-    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="None: the WANDB_MODE environment variable if set, else offline"
+    )
+
+    @property
+    def resolved_wandb_mode(self) -> str:
+        return self.wandb_mode or os.environ.get("WANDB_MODE") or "offline"
     log_every: int = Field(1, ge=1)
     samples_table_every: int = Field(0, ge=0, description="log a W&B table of sample generations every K steps (0: off)")
