@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             tracker.log(metrics, step)
             if tracker.should_log_samples(step):
                 _, parts = rewarder.run("sample_rows", [(s, SAMPLE_PROMPTS_PER_BATCH) for s in samples])
-                tracker.log_samples([row for part in parts for row in part], step)
+                nt = prompts.non_tensor_batch  # the judge prompt (its last user turn) of each sample's uid
+                prompt_of = {uid: messages[-1]["content"] for uid, messages in zip(nt["uid"], nt["messages"], strict=True)}
+                tracker.log_samples([{"prompt": prompt_of[row["uid"]], **row} for part in parts for row in part], step)
 
             # 6. checkpoint every trainer.save_every steps and at the end
             if step == trainer.total_steps or (trainer.save_every and step % trainer.save_every == 0):

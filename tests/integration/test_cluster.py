@@ -271,7 +271,7 @@ def test_offline_wandb_run_holds_metrics_config_system_stats_and_samples_table(g
     assert stats["proc.memory.rssMB"] > 0 and "memory_percent" in stats
 
     table = json.loads((run_dir / "files" / history["samples.path"]).read_text())
-    assert {"uid", "winner", "reward", "response"} <= set(table["columns"])
+    assert {"prompt", "uid", "winner", "reward", "response"} <= set(table["columns"])
     rewards = [row[table["columns"].index("reward")] for row in table["data"]]
     assert len(rewards) == 16 and set(rewards) == {-1.0}
 
