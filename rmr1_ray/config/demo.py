@@ -19,8 +19,8 @@ class DemoConfig(Strict):
     prompt_format: Literal["instruct", "distilled"] = "distilled"
     sft_epochs: int = Field(2, ge=1)
     grpo_steps: int = Field(6, ge=1)
-    eval_max_new_tokens: int = Field(96, ge=8)
-    grpo_max_new_tokens: int = Field(96, ge=8)
+    eval_max_new_tokens: int = Field(128, ge=8)
+    grpo_max_new_tokens: int = Field(160, ge=8)  # SFT chains run ~90-130 tokens; a cut chain earns -1
     # After SFT the judge writes chains; GRPO then only sharpens it. The tiny-cpu train config's
     # entropy bonus exists to move a *random* model, and would undo the SFT here.
     grpo_lr: float = Field(5e-5, gt=0)
