@@ -141,34 +141,12 @@ class JudgeModel:
 
 
 def _make_engine(config: ServeConfig) -> GenerationEngine:
-    model = config.model
-    if config.engine == "hf":
-        from rmr1_ray.engines.hf import HFEngine
+    from rmr1_ray.engines import make_engine
 
-        return HFEngine(
-            model.path,
-            tokenizer_path=model.tokenizer_path,
-            dtype=model.dtype,
-            trust_remote_code=model.trust_remote_code,
-            attn_implementation=model.attn_implementation,
-            device=config.device,
-        )
-    from rmr1_ray.engines.vllm import VLLMEngine
-
-    v = config.vllm
-    return VLLMEngine(
-        model.path,
-        tokenizer_path=model.tokenizer_path,
-        dtype=model.dtype,
-        trust_remote_code=model.trust_remote_code,
-        device=config.device,
-        tensor_parallel_size=v.tensor_parallel_size,
-        gpu_memory_utilization=v.gpu_memory_utilization,
-        max_model_len=v.max_model_len,
-        enforce_eager=v.enforce_eager,
-        enable_prefix_caching=v.enable_prefix_caching,
-        seed=config.sampling.seed or 0,  # the engine's base seed; sampled requests still differ from each other
-    )
+    # make_engine reads the backend's settings under RolloutConfig's names; a judge never syncs weights.
+    settings = {**config.vllm.model_dump(), "seed": config.sampling.seed or 0,  # the engine's base seed
+                "sleep_when_idle": False, "weight_sync": "object_store"}
+    return make_engine(config.engine, config.model.model_dump(), settings, config.device)
 
 
 # --- HTTP ingress ---------------------------------------------------------------------------------
