@@ -114,6 +114,13 @@ class ServeConfig(Strict):
     http: HttpSettings = HttpSettings()
     limits: RequestLimits = RequestLimits()
     app_name: str = Field("rmr1-judge", min_length=1, description="Serve application name")
+    served_model_name: str | None = Field(
+        None, description="the `model` of /v1/chat/completions and /v1/models; None: model.path (as vLLM does)"
+    )
+
+    @property
+    def openai_model_name(self) -> str:
+        return self.served_model_name or self.model.path
     ray_address: str | None = Field(None, description="None: RAY_ADDRESS if set, else start a local cluster")
 
     @model_validator(mode="after")

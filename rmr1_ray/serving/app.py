@@ -8,7 +8,9 @@
 
 The ingress renders prompts and reads verdicts, the model replicas only generate: a /v1/judge with
 both_orders or a /v1/rank sends several prompts at once, and prompts of concurrent requests share
-batches. Routes: GET /healthz, GET /readyz, GET /v1/model, POST /v1/judge, POST /v1/rank, /docs.
+batches. Routes: GET /healthz, GET /readyz, GET /v1/model, POST /v1/judge, POST /v1/rank, /docs, and
+the OpenAI-compatible POST /v1/chat/completions and GET /v1/models (the judge as a plain chat model:
+`rmr1 chains` can use it as its teacher).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import hmac
 import logging
 import os
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Awaitable
 from typing import Annotated, NamedTuple, TypeVar
@@ -36,11 +39,18 @@ from rmr1_ray.prompts import InvalidPairError, Message, judge_messages
 from rmr1_ray.serving import judging
 from rmr1_ray.serving.schemas import (
     BatchStats,
+    ChatChoice,
+    ChatChoiceMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
     JudgeRequest,
     JudgeResponse,
+    ModelCard,
     ModelInfo,
+    ModelList,
     RankRequest,
     RankResponse,
+    Usage,
 )
 
 T = TypeVar("T")
@@ -343,6 +353,37 @@ def build_api(config: ServeConfig, judge: DeploymentHandle, api_key: str | None)
             matches=matches,
             latency_s=time.perf_counter() - start,
             model=config.model.path,
+        )
+
+    # --- OpenAI-compatible: the judge model answers the messages as given (no judge prompt around them)
+    served = config.openai_model_name
+    started = int(time.time())
+
+    @v1.get("/models", summary="OpenAI-compatible model list: the one model this app serves")
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=served, created=started)])
+
+    @v1.post("/chat/completions", summary="OpenAI-compatible chat completion by the judge model")
+    async def chat_completions(body: ChatCompletionRequest) -> ChatCompletionResponse:
+        if body.model != served:
+            # As vLLM's server: a wrong model name is a 404, which clients treat as a configuration error.
+            raise HTTPException(404, f"the model `{body.model}` does not exist; this server serves `{served}`")
+        max_new_tokens = body.max_completion_tokens or body.max_tokens or sampling.max_new_tokens
+        if max_new_tokens > limits.max_new_tokens:
+            raise HTTPException(422, f"max_tokens={max_new_tokens} exceeds the server's limit {limits.max_new_tokens}")
+        temperature = sampling.temperature if body.temperature is None else body.temperature
+        messages = [m.model_dump() for m in body.messages]
+        out = await within(limits.request_timeout_s, generate(messages, max_new_tokens, temperature))
+        tokens = out["completion_tokens"]
+        return ChatCompletionResponse(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=served,
+            # The engine stops at EOS or at the budget: a full budget means the text was cut.
+            choices=[ChatChoice(message=ChatChoiceMessage(content=out["text"]),
+                                finish_reason="length" if tokens >= max_new_tokens else "stop")],
+            usage=Usage(prompt_tokens=out["prompt_tokens"], completion_tokens=tokens,
+                        total_tokens=out["prompt_tokens"] + tokens),
         )
 
     api.include_router(v1)

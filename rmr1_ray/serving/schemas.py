@@ -147,3 +147,71 @@ class ModelInfo(BaseModel):
     limits: dict[str, float | int]
     auth: bool = Field(description="whether /v1/* needs a bearer key")
     batching: BatchStats = Field(description="of the replica that answered (one per engine copy)")
+
+
+# --- OpenAI-compatible chat completions (the judge as a teacher for `rmr1 chains`, or any client) ---
+
+
+class OpenAIMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's chat-completions request a judge can honour. Unlike the /v1/judge bodies,
+    unknown fields are ignored: OpenAI SDKs and relays send many (user, presence_penalty, ...), and
+    rejecting them would make the route unusable from those clients. The fields read here are typed."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[OpenAIMessage] = Field(min_length=1, max_length=2 * MAX_TURNS)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    temperature: float | None = Field(None, ge=0, le=2)
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool = Field(False, description="streaming is not offered: false only")
+
+    @model_validator(mode="after")
+    def _not_streaming(self) -> ChatCompletionRequest:
+        if self.stream:
+            raise ValueError("stream=true is not supported; send stream=false (or leave it out)")
+        return self
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatChoiceMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "rmr1-ray"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -7,6 +7,7 @@ that the server keeps serving after bad requests.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,9 @@ import httpx
 import pytest
 import ray
 from ray import serve
+from servers import write_prompt_rows
 
+from jobs import generate_chains
 from jobs.serve_judge import deploy
 from rmr1_ray.config.serve import ServeConfig
 from rmr1_ray.serving import JudgeClient, JudgeClientError
@@ -255,3 +258,48 @@ def test_verl_reward_function(url, monkeypatch):
         ["test"] * 3, ["5", "6", "five"], [None] * 3, [{**extra, "reference": "2 + 3 = 6."}] * 3, base_url=url
     )
     assert len(rewards) == 3 and set(rewards) <= {1.0, -1.0, 0.0}
+
+
+def test_openai_chat_completions(http, url):
+    listed = http.get("/v1/models", headers=AUTH).json()
+    served = listed["data"][0]["id"]
+    assert listed["object"] == "list" and len(listed["data"]) == 1 and served.endswith("model")  # model.path
+    body = {"model": served, "max_tokens": 8, "temperature": 0, "user": "ignored-field",
+            "messages": [{"role": "system", "content": "You are a judge."}, {"role": "user", "content": "2 + 3?"}]}
+    first, again = post(http, "/v1/chat/completions", body), post(http, "/v1/chat/completions", body)
+    assert first.status_code == 200, first.text
+    out = first.json()
+    assert out["object"] == "chat.completion" and out["model"] == served and out["id"].startswith("chatcmpl-")
+    choice, usage = out["choices"][0], out["usage"]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert 1 <= usage["completion_tokens"] <= 8 and usage["prompt_tokens"] > 5
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert choice["finish_reason"] == ("length" if usage["completion_tokens"] == 8 else "stop")
+    assert again.json()["choices"][0]["message"] == choice["message"]  # greedy: the same text
+
+    assert post(http, "/v1/chat/completions", {**body, "model": "gpt-4o"}).status_code == 404
+    assert post(http, "/v1/chat/completions", {**body, "stream": True}).status_code == 422
+    assert post(http, "/v1/chat/completions", {**body, "max_tokens": 33}).status_code == 422  # over limits
+    assert post(http, "/v1/chat/completions", {**body, "messages": []}).status_code == 422
+    assert post(http, "/v1/chat/completions", body, headers={}).status_code == 401
+
+
+def test_the_judge_service_is_a_teacher_for_chains(url, http, tmp_path):
+    """`rmr1 chains` with this Serve app as its OpenAI-compatible teacher: every row is answered in
+    pass 1, and the tiny judge's wrong chains go back with their label in pass 2."""
+    served = http.get("/v1/models", headers=AUTH).json()["data"][0]["id"]
+    data, out = tmp_path / "prompts.parquet", tmp_path / "chains"
+    write_prompt_rows(data, 4, seed=0)
+    code = generate_chains.main([
+        f"teacher.base_url={url}/v1", f"teacher.model={served}", f"teacher.api_key_env={KEY_ENV}",
+        "teacher.max_tokens=16", "teacher.temperature=1.0", f"input_path={data}", f"output_dir={out}",
+        "concurrency=4",
+    ])
+    stats = json.loads((out / "stats.json").read_text())
+    print("per-pass stats with the Serve judge as teacher:", json.dumps(stats["passes"]), stats["requests"])
+    assert code == 0
+    first, second = stats["passes"]["1"], stats["passes"]["2"]
+    assert first["sent"] == first["answered"] == 4 and first["failed"] == 0
+    assert 1 <= first["completion_tokens"] <= 4 * 16 and first["prompt_tokens"] > 4 * 100
+    assert second["sent"] == 4 - first["kept"] and second["answered"] == second["sent"]
+    assert stats["rows"]["kept"] + stats["rows"]["rejected"] == 4 and stats["requests"]["failed"] == 0
