@@ -67,8 +67,7 @@ class RolloutWorker:
         nt = prompts.non_tensor_batch
         prompt_ids = []
         for uid, messages in zip(nt["uid"], nt["messages"], strict=True):
-            text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self._prompt_ids(messages)
             if len(ids) > max_prompt:  # the prepare job filters these with the same tokenizer
                 raise ValueError(f"prompt {uid!r} has {len(ids)} tokens > data.max_prompt_length={max_prompt}")
             prompt_ids.append(ids)
@@ -93,6 +92,21 @@ class RolloutWorker:
             "seconds": seconds,
         }
         return batch, summary
+
+    def judge(self, message_lists: list[list[dict]], max_new_tokens: int) -> list[str]:
+        """One greedy judgement per prompt with the current weights (evaluation during training)."""
+        r = self.config["rollout"]
+        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, stop=tuple(r["stop"]),
+                                stop_token_ids=tuple(r["stop_token_ids"]))
+        batch = self.engine.generate([self._prompt_ids(messages) for messages in message_lists], params)
+        lengths = batch.batch["response_mask"].sum(-1).tolist()
+        return [self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+                for ids, n in zip(batch.batch["responses"].tolist(), lengths, strict=True)]
+
+    def _prompt_ids(self, messages) -> list[int]:
+        # Rendered to text, then tokenised without special tokens: the chat template already holds them.
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def load_weights(self, state: dict[str, np.ndarray]) -> dict:
         """A full numpy state dict (the driver passes the learner's ObjectRef; Ray resolves it here

@@ -13,6 +13,9 @@ One step, as data. The driver holds ObjectRefs; batches move between groups thro
     step batch        -> learner.update            -> metrics (PPO mini-batches, clip, KL loss)
     learner           -> rollout workers           weights (one numpy state dict in the object store)
 
+Every trainer.eval_every steps (and at the end) the rollout workers judge data.val_path and the
+`evaluation` benchmarks greedily with the just-synced weights; the scores are logged with the step.
+
 Outputs in trainer.output_dir: config.resolved.yaml, metrics.jsonl, samples/, checkpoints/step_N/,
 final/ (the trained judge as an HF model), wandb/.
 """
@@ -39,6 +42,7 @@ from rmr1_ray.config import job_parser, parse_job_config, save_resolved
 from rmr1_ray.config.train import TrainConfig
 from rmr1_ray.data.prompt_batches import DataPosition, PromptBatches
 from rmr1_ray.engines import check_engine
+from rmr1_ray.evaluation.during_training import evaluate_policy, read_val_prompts, rollout_judge
 from rmr1_ray.placement import PlacementError, ensure_resources, group_specs, plan_placement
 from rmr1_ray.ray_utils import init_ray
 from rmr1_ray.tracking import Tracker, new_run_id, rollout_metrics, wait_timed
@@ -72,6 +76,12 @@ def rollout_seed(base: int, step: int, chunk: int) -> int:
     """Sampling seed of one rollout batch: fixed by (seed, step, batch), not by which worker runs it, so
     a retried batch and a resumed run sample exactly the same tokens."""
     return int(np.random.SeedSequence([base, step, chunk]).generate_state(1)[0])
+
+
+def print_evaluation(metrics: dict, step: int) -> None:
+    scores = {k: v for k, v in metrics.items() if k.startswith(("val/", "eval/"))}
+    print(f"eval at step {step} ({metrics['time/eval']:.1f} s): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items())), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         data = PromptBatches(config.data.train_path, config.algorithm.train_batch_size, trainer.seed,
                              config.data.shuffle, DataPosition(**state.get("data", {})))
         tracker = Tracker(out, config.tracking, cfg, run_id, trainer.total_steps, start_step)
+        if trainer.eval_every:
+            judge = rollout_judge(rollout, config.evaluation.max_new_tokens or config.rollout.max_new_tokens)
+            val_path, max_val = config.data.val_path, config.evaluation.max_val_prompts
+            val_prompts = read_val_prompts(val_path, max_val) if val_path else []
+            if start_step == 0 and config.evaluation.before_training:
+                initial = evaluate_policy(judge, config, val_prompts)
+                print_evaluation(initial, 0)
+                tracker.log(initial, 0)
 
         for step in range(start_step + 1, trainer.total_steps + 1):
             step_start = time.perf_counter()
@@ -178,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             sync = sync_weights(learner, rollout)
 
             metrics = {**rollout_metrics(generated, scored), **batch_stats, **update, **sync, **times}
+            # 6. evaluation of the synced policy every trainer.eval_every steps and at the end
+            if trainer.eval_every and (step % trainer.eval_every == 0 or step == trainer.total_steps):
+                metrics.update(evaluate_policy(judge, config, val_prompts))
+                print_evaluation(metrics, step)
             metrics["time/step"] = time.perf_counter() - step_start
             metrics["perf/gen_tokens_per_s"] = metrics["perf/gen_tokens"] / times["time/generate"]
             metrics.update({"data/epoch": prompts.meta_info["epoch"], "faults/rollout_restarts": rollout.restarts,
@@ -189,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 prompt_of = {uid: messages[-1]["content"] for uid, messages in zip(nt["uid"], nt["messages"], strict=True)}
                 tracker.log_samples([{"prompt": prompt_of[row["uid"]], **row} for part in parts for row in part], step)
 
-            # 6. checkpoint every trainer.save_every steps and at the end
+            # 7. checkpoint every trainer.save_every steps and at the end
             if step == trainer.total_steps or (trainer.save_every and step % trainer.save_every == 0):
                 saved_at = time.perf_counter()
                 path = save_checkpoint(

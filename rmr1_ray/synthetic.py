@@ -17,10 +17,14 @@ from pathlib import Path
 
 from rmr1_ray.prompts import PreferencePair, PromptFormat, position_for, render_pair
 
-WORDS = ("apple", "banana", "cherry", "orange", "grape", "lemon", "mango", "peach", "plum", "melon",
-         "river", "mountain", "forest", "desert", "island", "valley", "ocean", "planet", "rocket", "garden")
-UNITS = (("meters", "centimeters", 100), ("kilograms", "grams", 1000), ("hours", "minutes", 60),
-         ("minutes", "seconds", 60), ("kilometers", "meters", 1000))
+# Every check is sized for a tiny model trained for minutes on a CPU: each one generalises from a
+# small table the model can learn (digit order, digit successor, place value, a word order), so
+# held-out questions are answerable without memorising them. Numbers are tokenised digit by digit.
+WORDS = ("apple", "banana", "cherry", "desert", "eagle", "forest", "grape", "honey", "island", "jungle",
+         "kite", "lemon", "mango", "night", "ocean", "peach", "quartz", "river", "sugar", "tiger",
+         "umbrella", "valley", "winter", "xylophone", "yellow", "zebra")  # one word per first letter
+UNITS = (("meters", "centimeters", 100), ("kilograms", "grams", 1000), ("kilometers", "meters", 1000),
+         ("liters", "milliliters", 1000), ("centimeters", "millimeters", 10))
 
 
 @dataclass(frozen=True)
@@ -33,12 +37,19 @@ class JudgingItem:
 
 
 def _arithmetic(rng: random.Random) -> JudgingItem:
-    a, b = rng.randint(2, 99), rng.randint(2, 99)
-    op = rng.choice("+-*")
-    value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    wrong = value + rng.choice((-10, -2, -1, 1, 2, 10))
-    question = f"What is {a} {op} {b}?"
-    return JudgingItem(question, f"{a} {op} {b} = {value}.", f"{a} {op} {b} = {wrong}.", f"{a} {op} {b} = {value}", "arithmetic")
+    """Add or subtract 1, 10 or 100 from a three-digit number, without carry: one digit moves by one."""
+    step = rng.choice((1, 10, 100))
+    op = rng.choice("+-")
+    while True:
+        a = rng.randint(100, 999)
+        digit = a // step % 10
+        if (op == "+" and digit < 9) or (op == "-" and digit > 0 and a - step >= 100):
+            break
+    value = a + step if op == "+" else a - step
+    wrong = value + rng.choice([d for d in (-100, -10, -1, 1, 10, 100) if abs(d) != step])
+    question = f"What is {a} {op} {step}?"
+    return JudgingItem(question, f"{a} {op} {step} = {value}.", f"{a} {op} {step} = {wrong}.",
+                       f"{a} {op} {step} = {value}", "arithmetic")
 
 
 def _comparison(rng: random.Random) -> JudgingItem:
@@ -49,26 +60,24 @@ def _comparison(rng: random.Random) -> JudgingItem:
 
 
 def _unit_conversion(rng: random.Random) -> JudgingItem:
+    """Powers of ten: the answer is the amount followed by zeros; the wrong one has a zero too many or
+    too few."""
     big_unit, small_unit, factor = rng.choice(UNITS)
-    amount = rng.randint(2, 20)
+    amount = rng.randint(2, 99)
     value = amount * factor
-    wrong = value + rng.choice((-factor, factor, factor // 10 or 1))
+    wrong = rng.choice((value * 10, value // 10))
     question = f"How many {small_unit} are in {amount} {big_unit}?"
     return JudgingItem(question, f"There are {value} {small_unit}.", f"There are {wrong} {small_unit}.",
                        f"{amount} x {factor} = {value} {small_unit}", "unit_conversion")
 
 
 def _string_fact(rng: random.Random) -> JudgingItem:
-    word = rng.choice(WORDS)
-    if rng.random() < 0.5:
-        question = f"How many letters are in the word '{word}'?"
-        wrong = len(word) + rng.choice((-2, -1, 1, 2))
-        return JudgingItem(question, f"'{word}' has {len(word)} letters.", f"'{word}' has {wrong} letters.",
-                           f"{' '.join(word)}: {len(word)} letters", "string_fact")
-    question = f"What is the word '{word}' spelled backwards?"
-    wrong = word[::-1][1:] + word[-1]
-    return JudgingItem(question, f"'{word}' backwards is '{word[::-1]}'.", f"'{word}' backwards is '{wrong}'.",
-                       f"reverse of {word} is {word[::-1]}", "string_fact")
+    """Alphabetical order of two words."""
+    x, y = rng.sample(WORDS, 2)
+    first, second = sorted((x, y))
+    question = f"Which word comes first in alphabetical order, '{x}' or '{y}'?"
+    return JudgingItem(question, f"'{first}' comes before '{second}'.", f"'{second}' comes before '{first}'.",
+                       f"{first} < {second}", "string_fact")
 
 
 GENERATORS: tuple[Callable[[random.Random], JudgingItem], ...] = (_arithmetic, _comparison, _unit_conversion, _string_fact)

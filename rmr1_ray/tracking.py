@@ -72,7 +72,8 @@ class Tracker:
             self.wandb_run.log(metrics, step=step)
         if "time/step" in metrics:
             self._step_seconds.append(metrics["time/step"])
-        if step % self.tracking.log_every == 0 or step == self.total_steps:
+        # The console line is for training steps (an evaluation-only entry, like step 0, has no reward).
+        if "time/step" in metrics and (step % self.tracking.log_every == 0 or step == self.total_steps):
             print(self.console_line(metrics, step), flush=True)
 
     def console_line(self, m: dict, step: int) -> str:

@@ -6,12 +6,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from rmr1_ray.config.evaluate import BenchmarkSpec
 from rmr1_ray.config.sections import ClusterConfig, GroupConfig, ModelConfig, Strict, TrackingConfig
 
 
 class DataConfig(Strict):
     train_path: str = Field(description="directory of prepared parquet shards (OUT/train of `rmr1 prepare`)")
-    val_path: str | None = None
+    val_path: str | None = Field(None, description="held-out prepared prompts (OUT/val), judged every trainer.eval_every steps")
     shuffle: bool = True
     max_prompt_length: int = Field(4096, ge=1)
 
@@ -92,8 +93,25 @@ class TrainerConfig(Strict):
     seed: int = 0
     save_every: int = Field(0, ge=0, description="checkpoint every K steps (0: only at the end)")
     keep_last: int = Field(2, ge=1)
-    eval_every: int = Field(0, ge=0)
+    eval_every: int = Field(0, ge=0, description="run the `evaluation` section every K steps and at the end (0: never)")
     max_actor_restarts: int = Field(3, ge=0)
+
+
+class EvaluationConfig(Strict):
+    """Evaluation during training: the rollout workers judge greedily (n=1) with the current policy,
+    after the step's weight sync. data.val_path gives validation verdict accuracy and reward; the
+    benchmarks go through the same loaders, prompts and scorers as `rmr1 eval`."""
+
+    benchmarks: list[BenchmarkSpec] = Field(default_factory=list)
+    max_examples: int | None = Field(16, ge=1, description="first N examples of every benchmark subset (None: all)")
+    max_val_prompts: int | None = Field(256, ge=1, description="first N prompts of data.val_path (None: all)")
+    prompt_format: Literal["instruct", "distilled"] = Field(
+        "instruct", description="the benchmarks' judge prompt format: the one the training data was prepared in"
+    )
+    max_new_tokens: int | None = Field(None, ge=1, description="None: rollout.max_new_tokens")
+    both_orders: bool = Field(False, description="judge every benchmark pair in both positions")
+    seed: int = Field(0, description="benchmark answer positions")
+    before_training: bool = Field(True, description="also evaluate the starting policy, logged as step 0")
 
 
 class TrainConfig(Strict):
@@ -105,6 +123,7 @@ class TrainConfig(Strict):
     reward: RewardConfig = RewardConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     trainer: TrainerConfig = TrainerConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
 
@@ -129,6 +148,11 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"algorithm.train_batch_size={algo.train_batch_size} is not divisible by "
                 f"rollout.group.num_workers={self.rollout.group.num_workers}"
+            )
+        if self.trainer.eval_every and not (self.evaluation.benchmarks or self.data.val_path):
+            raise ValueError(
+                f"trainer.eval_every={self.trainer.eval_every} but there is nothing to evaluate: "
+                "set data.val_path or evaluation.benchmarks"
             )
         if self.learner.lr_warmup_steps > self.trainer.total_steps:
             raise ValueError(

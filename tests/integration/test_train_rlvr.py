@@ -2,7 +2,8 @@
 (hf engine), 1 reference, 1 rewarder, a tiny random judge, fp32.
 
 Two launches are shared by the tests: a 3-step run during which the rollout worker is killed after
-step 1, and a resume of that run from its step-2 checkpoint. Sampling is seeded per (step, batch), so
+step 1, and a resume of that run from its step-2 checkpoint. Both evaluate during training (held-out
+prompts and an RM-Bench subset, before step 1, every 2 steps and at the end). Sampling is seeded per (step, batch), so
 a restarted worker and a resumed run must reproduce the numbers exactly (up to float noise).
 
 A random tiny judge never writes a verdict, so every reward is -1 and GRPO's advantages are 0; the
@@ -33,6 +34,10 @@ pytestmark = pytest.mark.integration
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu" / "train.yaml")
 STEPS, PROMPTS, N = 3, 4, 4  # steps, prompts per step, samples per prompt (as in the tiny config)
+VAL_PROMPTS = 4
+RM_BENCH_CHAT = Path(__file__).resolve().parents[3] / "shared" / "benchmarks" / "rm_bench" / "chat_filtered.json"
+EVALUATION = ["trainer.eval_every=2", "evaluation.max_examples=1", "evaluation.max_new_tokens=16",
+              f"evaluation.benchmarks=[{{name: rm_bench, path: {RM_BENCH_CHAT}}}]"]
 # Per-step numbers that depend only on data, seeds and weights (not on timing or faults).
 DETERMINISTIC = ["reward/mean", "reward/std", "response_length/mean", "perf/gen_tokens", "actor/pg_loss",
                  "actor/kl_loss", "actor/entropy", "actor/ppo_kl", "actor/grad_norm", "actor/lr",
@@ -44,20 +49,28 @@ def tiny(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
-@pytest.fixture(scope="module")
-def train_dir(tmp_path_factory) -> Path:
-    """12 judge prompts (3 steps' worth) in the prepared-parquet layout: uid, messages, winner, source."""
-    items = list(generate_items(12, seed=0))
-    uids = [f"q{i:02d}" for i in range(len(items))]
+def prepared_prompts(out: Path, count: int, seed: int) -> Path:
+    """`count` judge prompts in the prepared-parquet layout (uid, messages, winner, source) under `out`."""
+    items = list(generate_items(count, seed=seed))
+    uids = [f"q{seed}-{i:02d}" for i in range(len(items))]
     rows = []
     for uid, item, position in zip(uids, items, balanced_positions(uids, seed=0), strict=True):
         pair = PreferencePair([{"role": "user", "content": item.question}], item.correct, item.wrong)
         messages, winner = render_pair(pair, position, "instruct")
         rows.append({"uid": uid, "messages": messages, "winner": winner, "source": "synthetic"})
-    out = tmp_path_factory.mktemp("data") / "train"
     out.mkdir()
     pq.write_table(pa.Table.from_pylist(rows), out / "part-00000.parquet")
     return out
+
+
+@pytest.fixture(scope="module")
+def train_dir(tmp_path_factory) -> Path:
+    return prepared_prompts(tmp_path_factory.mktemp("data") / "train", 12, seed=0)  # 3 steps' worth
+
+
+@pytest.fixture(scope="module")
+def val_dir(tmp_path_factory) -> Path:
+    return prepared_prompts(tmp_path_factory.mktemp("data") / "val", VAL_PROMPTS, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +93,7 @@ def kill_rollout_after_first_step(out: Path) -> threading.Thread:
     """Kill the rollout worker (by its actor name) as soon as step 1 is logged: step 2 then finds it dead."""
 
     def watch() -> None:
-        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+        while not (out / "metrics.jsonl").exists() or 1 not in metrics(out):
             time.sleep(0.05)
         [name] = [n for n in ray.util.list_named_actors() if n.endswith("-rollout-0")]
         ray.kill(ray.get_actor(name), no_restart=True)
@@ -91,29 +104,30 @@ def kill_rollout_after_first_step(out: Path) -> threading.Thread:
 
 
 @pytest.fixture(scope="module")
-def run(cluster, tiny, train_dir, tmp_path_factory) -> Path:
+def run(cluster, tiny, train_dir, val_dir, tmp_path_factory) -> Path:
     """3 steps, a checkpoint per step (the last 2 kept), W&B offline, rollout worker killed after step 1."""
     out = tmp_path_factory.mktemp("run")
     killer = kill_rollout_after_first_step(out)
-    assert main(args(tiny, train_dir, out, "tracking.wandb_mode=offline")) == 0
+    assert main(args(tiny, train_dir, out, "tracking.wandb_mode=offline", f"data.val_path={val_dir}", *EVALUATION)) == 0
     killer.join(timeout=5)
     assert not killer.is_alive()
     return out
 
 
 @pytest.fixture(scope="module")
-def resumed(run, tiny, train_dir, tmp_path_factory) -> Path:
+def resumed(run, tiny, train_dir, val_dir, tmp_path_factory) -> Path:
     """A new launch that continues the run from its step-2 checkpoint."""
     out = tmp_path_factory.mktemp("resumed")
     shutil.copytree(run / "checkpoints" / "step_000002", out / "checkpoints" / "step_000002")
-    assert main(args(tiny, train_dir, out, "tracking.wandb_mode=disabled", "--resume")) == 0
+    assert main(args(tiny, train_dir, out, "tracking.wandb_mode=disabled", f"data.val_path={val_dir}", *EVALUATION,
+                     "--resume")) == 0
     return out
 
 
 def test_three_steps_train_the_policy(run, tiny):
     logged = metrics(run)
-    assert sorted(logged) == [1, 2, 3]
-    for row in logged.values():
+    assert sorted(logged) == [0, 1, 2, 3]  # step 0: the evaluation before training
+    for row in (logged[step] for step in (1, 2, 3)):
         assert row["data/num_samples"] == PROMPTS * N and row["data/num_prompts"] == PROMPTS
         assert row["reward/mean"] == -1.0 and row["verdict/accuracy"] == 0.0  # a random judge never wins
         assert 0 < row["response_length/mean"] <= 32
@@ -131,8 +145,25 @@ def test_three_steps_train_the_policy(run, tiny):
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_000002", "step_000003"]
 
 
+def test_evaluation_during_training(run):
+    logged = metrics(run)
+    evaluated = [step for step, row in logged.items() if "val/accuracy" in row]
+    assert evaluated == [0, 2, 3]  # before training, every 2 steps, and at the end
+    for step in evaluated:
+        row = logged[step]
+        assert row["val/num_prompts"] == VAL_PROMPTS
+        # A random judge writes no verdict: every held-out judgement is unparseable and earns the wrong reward.
+        assert (row["val/accuracy"], row["val/error_rate"], row["val/reward_mean"]) == (0.0, 1.0, -1.0)
+        # RM-Bench through rmr1 eval's scorers: 1 example = 9 style comparisons, none with a verdict.
+        assert row["eval/rm_bench/error_rate"] == 1.0
+        for metric in ("easy_acc", "normal_acc", "hard_acc", "chat", "total_avg_acc"):
+            assert row[f"eval/rm_bench/{metric}"] == 0.0, metric
+        assert row["time/eval"] > 0
+    assert "reward/mean" not in logged[0] and "eval/rm_bench/chat" not in logged[1]
+
+
 def test_rollout_log_probs_match_the_learner_after_each_sync(run):
-    for step, row in metrics(run).items():
+    for step, row in ((s, r) for s, r in metrics(run).items() if s > 0):
         # Steps 2 and 3 sample with synced weights (step 2 on a restarted worker that replayed them).
         assert row["rollout/logprob_diff_max"] < 1e-4, step
     # ...and the weights did move away from the start, so the agreement is not trivial.
@@ -153,8 +184,8 @@ def test_killed_rollout_worker_is_restarted_and_no_prompt_is_lost_or_repeated(ru
 
 def test_resume_reproduces_step_three(run, resumed):
     uninterrupted, again = metrics(run), metrics(resumed)
-    assert sorted(again) == [3]
-    for key in DETERMINISTIC:
+    assert sorted(again) == [3]  # no step-0 evaluation on a resume
+    for key in [*DETERMINISTIC, "val/accuracy", "eval/rm_bench/error_rate"]:
         assert again[3][key] == pytest.approx(uninterrupted[3][key], rel=1e-4, abs=1e-6), key
     first, second = load_file(run / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert max((first[k] - second[k]).abs().max().item() for k in first) < 1e-5

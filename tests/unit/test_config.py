@@ -67,6 +67,14 @@ def test_batch_size_mismatch_is_explained(train_yaml):
     assert "algorithm.train_batch_size=8 is not divisible by algorithm.ppo_mini_batch_size=3" in str(err.value)
 
 
+def test_evaluation_during_training_needs_something_to_evaluate(train_yaml):
+    with pytest.raises(ConfigError, match="trainer.eval_every=5 but there is nothing to evaluate"):
+        load_config(TrainConfig, train_yaml(), ["trainer.eval_every=5"])
+    config = load_config(TrainConfig, train_yaml(), ["trainer.eval_every=5", "data.val_path=data/val",
+                                                     "evaluation.benchmarks=[{name: rmb_pairwise, path: x.json}]"])
+    assert config.evaluation.benchmarks[0].name == "rmb_pairwise" and config.evaluation.max_examples == 16
+
+
 def test_mini_batch_must_split_over_ranks_and_micro_batches(train_yaml):
     # 1 prompt x 4 samples = 4 sequences per mini-batch; 2 ranks x micro 4 = 8 per step
     with pytest.raises(ConfigError, match="does not divide"):
