@@ -72,11 +72,15 @@ class Tracker:
             self.wandb_run.log(metrics, step=step)
         if "time/step" in metrics:
             self._step_seconds.append(metrics["time/step"])
-        # The console line is for training steps (an evaluation-only entry, like step 0, has no reward).
-        if "time/step" in metrics and (step % self.tracking.log_every == 0 or step == self.total_steps):
-            print(self.console_line(metrics, step), flush=True)
+        if step % self.tracking.log_every == 0 or step == self.total_steps:
+            line = self.console_line(metrics, step)
+            if line:
+                print(line, flush=True)
 
     def console_line(self, m: dict, step: int) -> str:
+        """One line per GRPO step; empty for an entry without one (the evaluation before step 1 prints its own)."""
+        if "reward/mean" not in m:
+            return ""
         eta = "-"
         if self._step_seconds:
             remaining = (self.total_steps - step) * sum(self._step_seconds) / len(self._step_seconds)
