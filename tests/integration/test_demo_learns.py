@@ -5,9 +5,10 @@ the Serve stage is left out here, test_serve_judge covers it), checked for learn
 Thresholds come from the demo defaults run with seeds 0, 1 and 2 on this project's 2-core machine
 (numbers in docs/demo.md):
 - held-out verdict accuracy after SFT (210 test questions, chance 0.5 with a std of 0.035):
-  measured SFT_MEASURED; asserted >= SFT_MIN, over 3 standard deviations above chance;
+  measured 0.667, 0.755, 0.727; asserted >= 0.62, over 3 standard deviations above chance;
 - GRPO mean reward, last third of the steps minus the first third (320 samples each):
-  measured GRPO_MEASURED; asserted >= GRPO_MIN_RISE.
+  measured +0.231, +0.176, +0.105; asserted >= 0.08 (the std of the difference is ~0.06);
+- held-out accuracy after GRPO: measured 0.700, 0.681, 0.693; asserted >= 0.52 (not wrecked).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.integration
 
 SEED = 0
 SFT_MIN = 0.62
-GRPO_MIN_RISE = 0.05
+GRPO_MIN_RISE = 0.08
 HELD_OUT = "eval/rewardbench/absolute"
 
 
