@@ -18,16 +18,13 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import ray
 from safetensors.torch import load_file
+from servers import write_prompt_rows
 
 from jobs.train_rlvr import main
 from rmr1_ray.data.prompt_batches import PromptBatches
-from rmr1_ray.prompts import PreferencePair, balanced_positions, render_pair
-from rmr1_ray.synthetic import generate_items
 from rmr1_ray.tiny import make_tiny
 
 pytestmark = pytest.mark.integration
@@ -51,15 +48,8 @@ def tiny(tmp_path_factory) -> Path:
 
 def prepared_prompts(out: Path, count: int, seed: int) -> Path:
     """`count` judge prompts in the prepared-parquet layout (uid, messages, winner, source) under `out`."""
-    items = list(generate_items(count, seed=seed))
-    uids = [f"q{seed}-{i:02d}" for i in range(len(items))]
-    rows = []
-    for uid, item, position in zip(uids, items, balanced_positions(uids, seed=0), strict=True):
-        pair = PreferencePair([{"role": "user", "content": item.question}], item.correct, item.wrong)
-        messages, winner = render_pair(pair, position, "instruct")
-        rows.append({"uid": uid, "messages": messages, "winner": winner, "source": "synthetic"})
     out.mkdir()
-    pq.write_table(pa.Table.from_pylist(rows), out / "part-00000.parquet")
+    write_prompt_rows(out / "part-00000.parquet", count, seed, fmt="instruct")
     return out
 
 
