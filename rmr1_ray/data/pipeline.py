@@ -18,11 +18,29 @@ MAX_BLOCK_ROWS = 4000  # bounds a block's memory and the work lost if a task is 
 BLOCKS_PER_TASK_SLOT = 4  # enough blocks that no core idles while the last block runs
 
 
-def quiet_progress() -> None:
-    """One overall progress bar per run instead of a plan dump and a bar per operator (one per source)."""
+def configure_data_context() -> None:
+    """Ray Data settings for these pipelines, whose input is already in the object store and whose
+    output all comes back to the driver.
+
+    - One overall progress bar per run instead of a plan dump and a bar per operator (one per source).
+    - No resource-budget backpressure. It bounds the object store memory of a long streaming pipeline
+      by giving each operator a budget, and it starts a map operator's tasks one at a time as the
+      budgets refresh: measured on 2 CPUs, the second task started 1.1-1.5 s after the first, and
+      pass 1 of 20k rows took 20.4 s with it, 16.8 s without. Here it bounds nothing: every input
+      block exists before the run and every output block is collected. The other two default
+      policies (a concurrency cap, downstream capacity) stay.
+    """
+    from ray.data._internal.execution.backpressure_policy import (  # no public name for these policies
+        ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
+        ConcurrencyCapBackpressurePolicy,
+        DownstreamCapacityBackpressurePolicy,
+    )
+
     context = ray.data.DataContext.get_current()
     context.print_on_execution_start = False
     context.enable_operator_progress_bars = False
+    context.set_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
+                       [ConcurrencyCapBackpressurePolicy, DownstreamCapacityBackpressurePolicy])
 
 
 def cluster_cpus() -> int:

@@ -44,7 +44,7 @@ from rmr1_ray.data.outcomes import (
     total_counts,
     triage,
 )
-from rmr1_ray.data.pipeline import collect, map_tables, quiet_progress, split_of, write_parquet
+from rmr1_ray.data.pipeline import collect, configure_data_context, map_tables, split_of, write_parquet
 from rmr1_ray.data.readers import ReadError, read_table
 from rmr1_ray.data.sources import INVALID_PAIR, RowError, filter_reason, pair_uid, parse_record
 from rmr1_ray.prompts import InvalidPairError, Message, PreferencePair, balanced_positions, render_pair
@@ -165,7 +165,7 @@ def check_tokenizer(config: PrepareConfig) -> None:
 
 def plan(config: PrepareConfig, concurrency: int) -> PreferencePlan:
     """Read every source, run pass 1 on Ray Data, and decide what is kept, where, and at which position."""
-    quiet_progress()
+    configure_data_context()
     check_tokenizer(config)
     datasets, reads = [], {}
     for source in config.sources:

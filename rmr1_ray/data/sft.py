@@ -34,7 +34,14 @@ from rmr1_ray.data.outcomes import (
     total_counts,
     triage,
 )
-from rmr1_ray.data.pipeline import collect, map_tables, quiet_progress, split_of, to_dataset, write_parquet
+from rmr1_ray.data.pipeline import (
+    collect,
+    configure_data_context,
+    map_tables,
+    split_of,
+    to_dataset,
+    write_parquet,
+)
 from rmr1_ray.data.readers import read_table
 from rmr1_ray.data.sources import (
     MISSING_FIELD,
@@ -131,7 +138,7 @@ class SftPlan:
 
 def plan(config: PrepareConfig, concurrency: int) -> SftPlan:
     """Read every chain source, validate in parallel, and decide (driver) what is kept and on which side."""
-    quiet_progress()
+    configure_data_context()
     datasets, reads = [], {}
     for source in config.chain_sources:
         table = read_table(source.path)
