@@ -6,7 +6,6 @@ import os
 import socket
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -15,11 +14,9 @@ import torch.distributed as dist
 
 from rmr1_ray import algorithms as algo
 from rmr1_ray.batch import DataProto, fetch, split_for_ranks, with_data_index
-from rmr1_ray.models import load_causal_lm, load_tokenizer, torch_dtype
-
-# DeepSpeed JIT-compiles a shared-memory comm op on the first init_distributed (~55 s). A stable
-# cache directory makes every later actor (and test run) reuse the build.
-DEFAULT_TORCH_EXTENSIONS_DIR = "~/.cache/rmr1-ray/torch_extensions"
+from rmr1_ray.config.sections import ModelConfig
+from rmr1_ray.config.train import LearnerConfig
+from rmr1_ray.zero import build_engine, engine_config, gather_full_state, init_distributed, save_hf
 
 
 def find_free_port() -> int:
@@ -77,7 +74,6 @@ class PolicyLearner:
         threads = cfg["cluster"]["omp_num_threads"]
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(DEFAULT_TORCH_EXTENSIONS_DIR).expanduser()))
         # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the local device is always index 0.
         os.environ.update(
             MASTER_ADDR=self.master_addr,
@@ -90,21 +86,15 @@ class PolicyLearner:
         if gpu:
             torch.cuda.set_device(0)
             self.device = torch.device("cuda", 0)
-
-        import deepspeed  # imported after the env above: DeepSpeed reads it at import and init
-
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
-        ds_config = self._deepspeed_config(gpu)
-        model = self._build_model(ds_config)
-        optimizer = self._build_optimizer(model, gpu)
-        self.engine, *_ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=self._build_scheduler,
-            config=ds_config,
-            dist_init_required=False,
-        )
-        num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        init_distributed(gpu)
+        settings = LearnerConfig.model_validate(cfg["learner"])
+        # One optimizer step per PPO mini-batch: its sequences, spread over the ranks, in micro-batches.
+        mini_batch_sequences = cfg["algorithm"]["ppo_mini_batch_size"] * cfg["rollout"]["n_samples_per_prompt"]
+        grad_accum = mini_batch_sequences // (self.world_size * settings.micro_batch_size)
+        ds_config = engine_config(settings, cfg["model"]["dtype"], grad_accum, self.world_size, gpu)
+        self.engine = build_engine(ModelConfig.model_validate(cfg["model"]), settings, ds_config, self.device,
+                                   self._lr_lambda())
+        num_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
         self.timings["setup_s"] = time.perf_counter() - start
         return {
             "node_id": self.node_id(),
@@ -113,78 +103,13 @@ class PolicyLearner:
             "setup_seconds": self.timings["setup_s"],
         }
 
-    def _deepspeed_config(self, gpu: bool) -> dict:
-        learner, algorithm = self.config["learner"], self.config["algorithm"]
-        n = self.config["rollout"]["n_samples_per_prompt"]
-        micro = learner["micro_batch_size"]
-        # One optimizer step per PPO mini-batch: its sequences, spread over the ranks, in micro-batches.
-        grad_accum = algorithm["ppo_mini_batch_size"] * n // (self.world_size * micro)
-        zero: dict = {"stage": learner["zero_stage"], "stage3_gather_16bit_weights_on_model_save": False}
-        if gpu and learner["offload_optimizer"]:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if gpu and learner["offload_params"] and learner["zero_stage"] == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-        dtype = self.config["model"]["dtype"]
-        return {
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": grad_accum,
-            "train_batch_size": micro * grad_accum * self.world_size,
-            "gradient_clipping": learner["grad_clip"],
-            "zero_optimization": zero,
-            "bf16": {"enabled": dtype == "bfloat16"},
-            "fp16": {"enabled": dtype == "float16"},
-            "zero_allow_untested_optimizer": True,  # torch.optim.AdamW on CPU
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
-
-    def _build_model(self, ds_config: dict):
-        model_cfg = self.config["model"]
-        import torch._dynamo  # noqa: F401 - must be imported before zero.Init patches module construction
-        from transformers import AutoConfig
-        from transformers.integrations import HfDeepSpeedConfig
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-        # zero.Init wraps every nn.Module __init__; a model class imported lazily inside it fails with a
-        # signature-mismatch TypeError, so trigger the (lazy) import of the model class first.
-        hf_config = AutoConfig.from_pretrained(model_cfg["path"], trust_remote_code=model_cfg["trust_remote_code"])
-        if type(hf_config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-            MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
-        # While this object lives, from_pretrained builds the model under zero.Init (each rank holds only
-        # its shard) and loads the checkpoint into the shards. transformers keeps only a weak reference.
-        self._hf_ds_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
-        model = load_causal_lm(
-            model_cfg["path"],
-            dtype=model_cfg["dtype"],
-            trust_remote_code=model_cfg["trust_remote_code"],
-            attn_implementation=model_cfg["attn_implementation"],
-            device=str(self.device),
-        )
-        if model_cfg["gradient_checkpointing"]:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model.train()
-
-    def _build_optimizer(self, model, gpu: bool) -> torch.optim.Optimizer:
-        learner = self.config["learner"]
-        kwargs = {"lr": learner["lr"], "betas": tuple(learner["betas"]), "weight_decay": learner["weight_decay"]}
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not gpu:
-            # DeepSpeed's CPU Adam JIT-compiles (~70 s); torch's AdamW is as fast for what runs on CPU.
-            return torch.optim.AdamW(params, **kwargs)
-        from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
-
-        adam = DeepSpeedCPUAdam if learner["offload_optimizer"] else FusedAdam
-        return adam(params, **kwargs)  # both default to AdamW (decoupled weight decay)
-
-    def _build_scheduler(self, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    def _lr_lambda(self):
         """DeepSpeed steps the scheduler once per optimizer step; the schedule is in GRPO steps
         (trainer.total_steps, learner.lr_warmup_steps), so the LR is constant within a step."""
         learner, algorithm = self.config["learner"], self.config["algorithm"]
         per_step = algorithm["train_batch_size"] // algorithm["ppo_mini_batch_size"] * algorithm["ppo_epochs"]
         warmup, total, kind = learner["lr_warmup_steps"], self.config["trainer"]["total_steps"], learner["lr_scheduler"]
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda opt_step: algo.lr_lambda(opt_step // per_step, warmup, total, kind)
-        )
+        return lambda opt_step: algo.lr_lambda(opt_step // per_step, warmup, total, kind)
 
     # --- log-probs and updates ------------------------------------------------------------------
 
@@ -286,47 +211,17 @@ class PolicyLearner:
 
     # --- weights and checkpoints ------------------------------------------------------------------
 
-    def _gather_tensors(self) -> dict[str, torch.Tensor] | None:
-        """Full CPU tensors keyed like the HF state_dict (incl. a tied lm_head.weight) on rank 0.
-
-        Parameters are gathered one at a time, so no rank ever holds the whole model on its device.
-        """
-        import deepspeed
-
-        model = self.engine.module
-        params = dict(model.named_parameters(remove_duplicate=False))
-        buffers = dict(model.named_buffers(remove_duplicate=False))
-        out: dict[str, torch.Tensor] = {}
-        seen: dict[int, torch.Tensor] = {}  # tied weights: gather once, share the tensor
-        for name in model.state_dict():  # state_dict order is the same on every rank
-            if name in buffers:
-                out[name] = buffers[name].detach().cpu()
-                continue
-            param = params[name]
-            if id(param) not in seen:
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    seen[id(param)] = param.detach().cpu().clone() if self.rank == 0 else None
-            out[name] = seen[id(param)]
-        return out if self.rank == 0 else None
-
     def gather_state_dict(self) -> dict[str, np.ndarray] | None:
         """ALL ranks call. Rank 0 returns {name: numpy array} (the model's dtype; bf16 as float32)."""
         start = time.perf_counter()
-        tensors = self._gather_tensors()
+        tensors = gather_full_state(self.engine, self.rank)
         state = None if tensors is None else {name: _numpy(t) for name, t in tensors.items()}
         self.timings["gather_s"] = time.perf_counter() - start
         return state
 
     def save_hf(self, directory: str) -> None:
         """ALL ranks call. Rank 0 writes an HF model (safetensors) + tokenizer into `directory`."""
-        tensors = self._gather_tensors()
-        if self.rank == 0:
-            model_cfg = self.config["model"]
-            dtype = torch_dtype(model_cfg["dtype"])
-            state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
-            self.engine.module.save_pretrained(directory, state_dict=state)
-            tokenizer = load_tokenizer(model_cfg["tokenizer_path"] or model_cfg["path"], model_cfg["trust_remote_code"])
-            tokenizer.save_pretrained(directory)
+        save_hf(self.engine, directory, self.rank, ModelConfig.model_validate(self.config["model"]))
         dist.barrier()
 
     def save_checkpoint(self, directory: str) -> None:

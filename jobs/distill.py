@@ -33,7 +33,7 @@ import torch
 from rmr1_ray.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from rmr1_ray.config import job_parser, parse_job_config, save_resolved
 from rmr1_ray.config.distill import DistillConfig
-from rmr1_ray.models import load_causal_lm, load_tokenizer, torch_dtype
+from rmr1_ray.models import load_tokenizer
 from rmr1_ray.ray_utils import init_ray
 from rmr1_ray.sft import (
     SftExample,
@@ -45,10 +45,9 @@ from rmr1_ray.sft import (
     tokenize_example,
 )
 from rmr1_ray.tracking import Tracker, new_run_id
+from rmr1_ray.zero import build_engine, engine_config, init_distributed, save_hf
 
 EXAMPLE = "rmr1 distill --config configs/tiny-cpu/distill.yaml trainer.max_steps=4"
-# DeepSpeed JIT-compiles a shared-memory comm op on first use (~55 s); a stable cache reuses the build.
-DEFAULT_TORCH_EXTENSIONS_DIR = "~/.cache/rmr1-ray/torch_extensions"
 
 
 # --- driver: data ---------------------------------------------------------------------------------
@@ -88,67 +87,6 @@ class SftTracker(Tracker):
         if "val/loss" in m:
             parts.append(f"val loss {m['val/loss']:.4f}")
         return " | ".join([*parts, f"ETA {eta}"])
-
-
-def deepspeed_config(config: DistillConfig, gpu: bool) -> dict:
-    t = config.trainer
-    zero: dict = {"stage": t.zero_stage, "stage3_gather_16bit_weights_on_model_save": False}
-    if gpu and t.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if gpu and t.offload_params and t.zero_stage == 3:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps,
-        "train_batch_size": t.global_batch_size,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": config.model.dtype == "bfloat16"},
-        "fp16": {"enabled": config.model.dtype == "float16"},
-        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW on CPU
-        "steps_per_print": 10**9,
-    }
-
-
-def build_engine(config: DistillConfig, total_steps: int, device: torch.device):
-    """The model, sharded as it is loaded (ZeRO-3), wrapped with its optimizer and LR schedule."""
-    import deepspeed
-    import torch._dynamo  # noqa: F401 - must be imported before zero.Init patches module construction
-    from transformers import AutoConfig
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    gpu, m, t = device.type == "cuda", config.model, config.trainer
-    ds_config = deepspeed_config(config, gpu)
-    # zero.Init wraps every nn.Module __init__; a model class imported lazily inside it fails, so import it first.
-    hf_config = AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code)
-    if type(hf_config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-        MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
-    # While this object lives, from_pretrained builds the model under zero.Init and loads each rank's shard.
-    keep_alive = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None
-    model = load_causal_lm(m.path, m.dtype, m.trust_remote_code, m.attn_implementation, str(device))
-    if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    kwargs = {"lr": t.lr, "betas": t.betas, "weight_decay": t.weight_decay}
-    if gpu:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
-
-        optimizer = (DeepSpeedCPUAdam if t.offload_optimizer else FusedAdam)(params, adamw_mode=True, **kwargs)
-    else:  # DeepSpeed's CPU Adam JIT-compiles (~70 s); torch's AdamW does the same job here
-        optimizer = torch.optim.AdamW(params, **kwargs)
-    warmup = int(t.warmup_ratio * total_steps)
-
-    def schedule(opt):
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: lr_multiplier(step, warmup, total_steps, t.min_lr_ratio)
-        )
-
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
-                                      dist_init_required=False)
-    engine.hf_ds_config = keep_alive  # tied to the engine's lifetime: transformers keeps only a weak reference
-    return engine
 
 
 def train_step(engine, examples: list[SftExample], plan, rank: int, world: int, pad_id: int,
@@ -196,29 +134,6 @@ def evaluate(engine, examples: list[SftExample], rank: int, world: int, micro: i
     return totals[0].item() / max(1.0, totals[1].item())
 
 
-def save_hf(engine, directory: str, rank: int, config: DistillConfig) -> None:
-    """ALL ranks: gather full weights one parameter at a time; rank 0 writes an HF model + tokenizer."""
-    import deepspeed
-
-    model = engine.module
-    params = dict(model.named_parameters(remove_duplicate=False))
-    buffers = dict(model.named_buffers(remove_duplicate=False))
-    state, gathered = {}, {}  # gathered: tied weights are gathered once
-    for name in model.state_dict():  # the same order on every rank
-        if name in buffers:
-            state[name] = buffers[name].detach().cpu()
-            continue
-        param = params[name]
-        if id(param) not in gathered:
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                gathered[id(param)] = param.detach().cpu().clone() if rank == 0 else None
-        state[name] = gathered[id(param)]
-    if rank == 0:
-        dtype = torch_dtype(config.model.dtype)
-        model.save_pretrained(directory, state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
-        load_tokenizer(config.model.tokenizer, config.model.trust_remote_code).save_pretrained(directory)
-
-
 def save(engine, out: Path, step: int, trainer_state: dict, rank: int, config: DistillConfig) -> None:
     """ALL ranks: an atomic checkpoint (rmr1_ray.checkpoint) of DeepSpeed state + hf/ + trainer state."""
     import torch.distributed as dist
@@ -227,7 +142,7 @@ def save(engine, out: Path, step: int, trainer_state: dict, rank: int, config: D
         holder = [directory]
         dist.broadcast_object_list(holder, src=0)  # rank 0 has made the temporary directory: tell the others
         engine.save_checkpoint(holder[0])
-        save_hf(engine, os.path.join(holder[0], "hf"), rank, config)
+        save_hf(engine, os.path.join(holder[0], "hf"), rank, config.model)
         dist.barrier()
 
     if rank == 0:
@@ -246,20 +161,19 @@ def train_loop(loop_config: dict) -> None:
     torch.set_num_threads(config.cluster.omp_num_threads)
     # DeepSpeed 0.19's ZeRO-3 calls collectives torch has renamed: one FutureWarning per call, per step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(DEFAULT_TORCH_EXTENSIONS_DIR).expanduser()))
     started = time.perf_counter()
     gpu = config.cluster.device == "gpu"
     device = ray.train.torch.get_device() if gpu else torch.device("cpu")
     if gpu:
         torch.cuda.set_device(device)
-
-    import deepspeed  # after TORCH_EXTENSIONS_DIR is set: its comm op is built (once) on first use
-
-    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)  # Ray Train's group
+    init_distributed(gpu)  # Ray Train has set the rendezvous variables
     train, val = ray.get(loop_config["train"]), ray.get(loop_config["val"])
     steps_per_epoch = len(train) // t.global_batch_size  # plan_epoch drops the last incomplete step
     total_steps = min(t.epochs * steps_per_epoch, t.max_steps or sys.maxsize)
-    engine = build_engine(config, total_steps, device)
+    warmup = int(t.warmup_ratio * total_steps)
+    ds_config = engine_config(t, config.model.dtype, config.gradient_accumulation_steps, world, gpu)
+    engine = build_engine(config.model, t, ds_config, device,
+                          lambda opt_step: lr_multiplier(opt_step, warmup, total_steps, t.min_lr_ratio))
     pad_id = loop_config["pad_token_id"]
 
     # Resume: the driver allowed checkpoints only with --resume, so any checkpoint here is this run's

@@ -1,0 +1,144 @@
+"""DeepSpeed ZeRO set-up shared by the two trainers: the SFT job (jobs/distill.py) and the GRPO learner
+(actors/learner.py). DeepSpeed does the sharding, the optimizer step and the checkpoints; this module
+holds what both trainers build around it in the same way: joining the process group, the engine
+config, a model that is sharded while it loads, the optimizer, and full weights gathered from the
+shards for export.
+
+Both trainers' settings (SftTrainerConfig, LearnerConfig) have the fields `ZeroSettings` names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from rmr1_ray.config.sections import ModelConfig
+from rmr1_ray.models import load_causal_lm, load_tokenizer, torch_dtype
+
+# DeepSpeed JIT-compiles a shared-memory comm op on the first init_distributed (~30-55 s). A stable
+# cache directory makes every later rank, job and test run reuse the build.
+DEFAULT_TORCH_EXTENSIONS_DIR = "~/.cache/rmr1-ray/torch_extensions"
+
+
+class ZeroSettings(Protocol):
+    zero_stage: int
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    grad_clip: float
+    micro_batch_size: int
+    offload_optimizer: bool
+    offload_params: bool
+
+
+def init_distributed(gpu: bool) -> None:
+    """Join the process group that MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE describe."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(DEFAULT_TORCH_EXTENSIONS_DIR).expanduser()))
+    import deepspeed  # after TORCH_EXTENSIONS_DIR is set: DeepSpeed reads it when it builds the comm op
+
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
+
+
+def engine_config(settings: ZeroSettings, dtype: str, gradient_accumulation_steps: int, world_size: int,
+                  gpu: bool) -> dict:
+    """DeepSpeed's config. Offloading is a GPU feature: on CPU everything already lives in CPU memory."""
+    zero: dict[str, Any] = {"stage": settings.zero_stage, "stage3_gather_16bit_weights_on_model_save": False}
+    if gpu and settings.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if gpu and settings.offload_params and settings.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": settings.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "train_batch_size": settings.micro_batch_size * gradient_accumulation_steps * world_size,
+        "gradient_clipping": settings.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW on CPU
+        "steps_per_print": 10**9,
+    }
+
+
+def build_engine(model_config: ModelConfig, settings: ZeroSettings, ds_config: dict, device: torch.device,
+                 lr_lambda: Callable[[int], float]) -> Any:
+    """The model, sharded as it loads (ZeRO-3), with AdamW and a LambdaLR schedule, as a DeepSpeed engine.
+    `lr_lambda` maps DeepSpeed's optimizer-step count to a multiplier of settings.lr."""
+    import deepspeed
+    import torch._dynamo  # noqa: F401 - must be imported before zero.Init patches module construction
+    from transformers import AutoConfig
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    m = model_config
+    # zero.Init wraps every nn.Module __init__; a model class imported lazily inside it fails with a
+    # signature-mismatch TypeError, so trigger the (lazy) import of the model class first.
+    hf_config = AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code)
+    if type(hf_config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
+    # While this object lives, from_pretrained builds the model under zero.Init (each rank holds only
+    # its shard) and loads the checkpoint into the shards. transformers keeps only a weak reference.
+    keep_alive = HfDeepSpeedConfig(ds_config) if settings.zero_stage == 3 else None
+    model = load_causal_lm(m.path, m.dtype, m.trust_remote_code, m.attn_implementation, str(device))
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=adamw(model, settings, gpu=device.type == "cuda"),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda),
+        config=ds_config,
+        dist_init_required=False,
+    )
+    engine.hf_ds_config = keep_alive  # tied to the engine's lifetime
+    return engine
+
+
+def adamw(model: torch.nn.Module, settings: ZeroSettings, gpu: bool) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay): DeepSpeed's fused or CPU-offload Adam on GPU, torch's on CPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = {"lr": settings.lr, "betas": tuple(settings.betas), "weight_decay": settings.weight_decay}
+    if not gpu:
+        # DeepSpeed's CPU Adam JIT-compiles (~70 s); torch's AdamW is as fast for what runs on CPU.
+        return torch.optim.AdamW(params, **kwargs)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    adam = DeepSpeedCPUAdam if settings.offload_optimizer else FusedAdam
+    return adam(params, **kwargs)  # both default to AdamW; their flags for it are named differently
+
+
+def gather_full_state(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:
+    """ALL ranks call. Full CPU tensors keyed like the HF state_dict (a tied lm_head.weight included) on
+    rank 0, None elsewhere. Parameters are gathered one at a time, so no rank holds the whole model."""
+    import deepspeed
+
+    model = engine.module
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, torch.Tensor] = {}  # tied weights: gathered once, the tensor shared
+    for name in model.state_dict():  # the same order on every rank
+        if name in buffers:
+            out[name] = buffers[name].detach().cpu()
+            continue
+        param = params[name]
+        if id(param) not in seen:
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                seen[id(param)] = param.detach().cpu().clone() if rank == 0 else None
+        out[name] = seen[id(param)]
+    return out if rank == 0 else None
+
+
+def save_hf(engine: Any, directory: str, rank: int, model_config: ModelConfig) -> None:
+    """ALL ranks call. Rank 0 writes an HF model (safetensors, in the model's dtype) and its tokenizer."""
+    state = gather_full_state(engine, rank)
+    if state is None:
+        return
+    dtype = torch_dtype(model_config.dtype)
+    engine.module.save_pretrained(directory, state_dict={k: v.to(dtype) if v.is_floating_point() else v
+                                                         for k, v in state.items()})
+    load_tokenizer(model_config.tokenizer, model_config.trust_remote_code).save_pretrained(directory)
