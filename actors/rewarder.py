@@ -14,18 +14,16 @@ import ray
 import torch
 
 from rmr1_ray.batch import DataProto, with_data_index
+from rmr1_ray.config.train import RewardConfig
 from rmr1_ray.step_batch import assemble_from_refs
-from rmr1_ray.verdict import RewardSpec, parse_judgement, rm_r1_reward, verdict_reward
+from rmr1_ray.verdict import parse_judgement, rm_r1_reward, verdict_reward
 
 
 class VerdictRewarder:
     """A plain class: the driver wraps it with `ray.remote` in a placement group."""
 
     def __init__(self, config: dict, worker_index: int) -> None:
-        r = config["reward"]
-        self.spec = RewardSpec(
-            correct=r["correct"], wrong=r["wrong"], format_bonus=r["format_bonus"], format_penalty=r["format_penalty"]
-        )
+        self.spec = RewardConfig.model_validate(config["reward"]).spec()
         self.worker_index = worker_index
 
     def setup(self) -> dict:

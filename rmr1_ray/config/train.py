@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from rmr1_ray.config.evaluate import BenchmarkSpec
 from rmr1_ray.config.sections import ClusterConfig, GroupConfig, ModelConfig, Strict, TrackingConfig
+from rmr1_ray.verdict import RewardSpec
 
 
 class DataConfig(Strict):
@@ -72,6 +73,10 @@ class RewardConfig(Strict):
     wrong: float = -1.0
     format_bonus: float = 0.0
     format_penalty: float = 0.0
+
+    def spec(self) -> RewardSpec:
+        return RewardSpec(correct=self.correct, wrong=self.wrong, format_bonus=self.format_bonus,
+                          format_penalty=self.format_penalty)
 
 
 class AlgorithmConfig(Strict):

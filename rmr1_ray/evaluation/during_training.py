@@ -18,7 +18,7 @@ from rmr1_ray.config.train import TrainConfig
 from rmr1_ray.evaluation.harness import run_benchmark_subset
 from rmr1_ray.evaluation.judging import FunctionJudge
 from rmr1_ray.prompts import Message
-from rmr1_ray.verdict import RewardSpec, eval_verdict, verdict_reward
+from rmr1_ray.verdict import eval_verdict, verdict_reward
 
 Generate = Callable[[list[list[Message]]], list[str]]
 
@@ -46,11 +46,11 @@ def evaluate_policy(generate: Generate, config: TrainConfig, val_prompts: list[d
     """val/* (verdict accuracy, unparseable share and the training reward on the held-out prompts)
     and eval/<benchmark>/<metric> (run_benchmark_subset's headline metrics), plus time/eval."""
     start = time.perf_counter()
-    ev, r = config.evaluation, config.reward
+    ev = config.evaluation
     metrics: dict[str, float] = {}
     if val_prompts:
         texts = generate([row["messages"] for row in val_prompts])
-        spec = RewardSpec(correct=r.correct, wrong=r.wrong, format_bonus=r.format_bonus, format_penalty=r.format_penalty)
+        spec = config.reward.spec()
         verdicts = [eval_verdict(text) for text in texts]
         labels = ["A" if row["winner"] == "model_a" else "B" for row in val_prompts]
         rewards = [verdict_reward(text, row["winner"], spec) for text, row in zip(texts, val_prompts, strict=True)]
