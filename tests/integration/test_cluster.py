@@ -33,15 +33,12 @@ import urllib.request
 from pathlib import Path
 
 import psutil
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors, list_nodes
+from servers import write_prompt_rows
 
-from rmr1_ray.prompts import PreferencePair, balanced_positions, render_pair
-from rmr1_ray.synthetic import generate_items
 from rmr1_ray.tiny import make_tiny
 
 pytestmark = pytest.mark.integration
@@ -140,15 +137,8 @@ def root():
 def inputs(root) -> dict[str, Path]:
     """The tiny judge and 8 prepared prompts (2 steps' worth) in the prepared-parquet layout."""
     model = make_tiny(root / "model", seed=0)
-    items = list(generate_items(8, seed=0))
-    uids = [f"q{i:02d}" for i in range(len(items))]
-    rows = []
-    for uid, item, position in zip(uids, items, balanced_positions(uids, seed=0), strict=True):
-        pair = PreferencePair([{"role": "user", "content": item.question}], item.correct, item.wrong)
-        messages, winner = render_pair(pair, position, "instruct")
-        rows.append({"uid": uid, "messages": messages, "winner": winner, "source": "synthetic"})
     (root / "train").mkdir()
-    pq.write_table(pa.Table.from_pylist(rows), root / "train" / "part-00000.parquet")
+    write_prompt_rows(root / "train" / "part-00000.parquet", 8, seed=0, fmt="instruct")
     return {"model": model, "train": root / "train"}
 
 

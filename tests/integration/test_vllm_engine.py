@@ -20,6 +20,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from servers import write_prompt_rows
 
 from rmr1_ray.engines.base import SamplingParams
 from rmr1_ray.engines.hf import HFEngine
@@ -255,22 +256,9 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu" / "train.y
 @pytest.fixture(scope="module")
 def train_dir(tmp_path_factory) -> Path:
     """8 judge prompts (2 steps of the tiny config) in the prepared-parquet layout."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from rmr1_ray.prompts import PreferencePair, balanced_positions, render_pair
-    from rmr1_ray.synthetic import generate_items
-
-    items = list(generate_items(8, seed=0))
-    uids = [f"q{i:02d}" for i in range(len(items))]
-    rows = []
-    for uid, item, position in zip(uids, items, balanced_positions(uids, seed=0), strict=True):
-        pair = PreferencePair([{"role": "user", "content": item.question}], item.correct, item.wrong)
-        messages, winner = render_pair(pair, position, "instruct")
-        rows.append({"uid": uid, "messages": messages, "winner": winner, "source": "synthetic"})
     out = tmp_path_factory.mktemp("data") / "train"
     out.mkdir()
-    pq.write_table(pa.Table.from_pylist(rows), out / "part-00000.parquet")
+    write_prompt_rows(out / "part-00000.parquet", 8, seed=0, fmt="instruct")
     return out
 
 
