@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             f"data.val_path={data}/sft/val", f"trainer.output_dir={out}/distill", f"trainer.epochs={config.sft_epochs}",
             f"trainer.lr={config.sft_lr}", f"trainer.seed={config.seed}",
             "trainer.micro_batch_size=4",  # the batch of 8 in one micro-step per rank: fewer ZeRO-3 gathers
+            "trainer.save_every=0",  # one checkpoint, at the end (the tiny config's every 4 steps would write 200)
             "tracking.log_every=100",
         ])
         rows = [json.loads(line) for line in (out / "distill" / "metrics.jsonl").open()]

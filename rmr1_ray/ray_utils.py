@@ -31,4 +31,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address and address != "local":
         ray.init(address=address, **common)
     else:
+        common["runtime_env"]["worker_process_setup_hook"] = "rmr1_ray.local_worker_setup.setup_worker"
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **common)
