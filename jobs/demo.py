@@ -12,7 +12,7 @@ local Ray cluster; nothing is a shortcut version:
     7. eval        held-out verdict accuracy of the GRPO judge
     8. serve       the judge behind Ray Serve, one HTTP request
 
-    rmr1 demo                                  # defaults: ~11 minutes on 2 cores
+    rmr1 demo                                  # defaults: ~6-7 minutes on 2 cores
     rmr1 demo grpo_steps=48 sft_epochs=6       # a longer run
 """
 
