@@ -22,7 +22,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -159,8 +158,6 @@ def train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config.cluster.omp_num_threads)
-    # DeepSpeed 0.19's ZeRO-3 calls collectives torch has renamed: one FutureWarning per call, per step.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     started = time.perf_counter()
     gpu = config.cluster.device == "gpu"
     device = ray.train.torch.get_device() if gpu else torch.device("cpu")

@@ -10,6 +10,7 @@ Both trainers' settings (SftTrainerConfig, LearnerConfig) have the fields `ZeroS
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +38,8 @@ class ZeroSettings(Protocol):
 
 def init_distributed(gpu: bool) -> None:
     """Join the process group that MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE describe."""
+    # DeepSpeed 0.19's ZeRO-3 calls collectives torch has renamed: one FutureWarning per call, dozens per step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(DEFAULT_TORCH_EXTENSIONS_DIR).expanduser()))
     import deepspeed  # after TORCH_EXTENSIONS_DIR is set: DeepSpeed reads it when it builds the comm op
 
