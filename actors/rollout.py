@@ -11,6 +11,7 @@ import torch
 
 from rmr1_ray.batch import DataProto
 from rmr1_ray.engines import SamplingParams, make_engine
+from rmr1_ray.engines.base import chat_prompt_ids, response_texts
 from rmr1_ray.models import load_tokenizer
 
 
@@ -67,7 +68,7 @@ class RolloutWorker:
         nt = prompts.non_tensor_batch
         prompt_ids = []
         for uid, messages in zip(nt["uid"], nt["messages"], strict=True):
-            ids = self._prompt_ids(messages)
+            ids = chat_prompt_ids(self.tokenizer, messages)
             if len(ids) > max_prompt:  # the prepare job filters these with the same tokenizer
                 raise ValueError(f"prompt {uid!r} has {len(ids)} tokens > data.max_prompt_length={max_prompt}")
             prompt_ids.append(ids)
@@ -98,15 +99,8 @@ class RolloutWorker:
         r = self.config["rollout"]
         params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, stop=tuple(r["stop"]),
                                 stop_token_ids=tuple(r["stop_token_ids"]))
-        batch = self.engine.generate([self._prompt_ids(messages) for messages in message_lists], params)
-        lengths = batch.batch["response_mask"].sum(-1).tolist()
-        return [self.tokenizer.decode(ids[:n], skip_special_tokens=True)
-                for ids, n in zip(batch.batch["responses"].tolist(), lengths, strict=True)]
-
-    def _prompt_ids(self, messages) -> list[int]:
-        # Rendered to text, then tokenised without special tokens: the chat template already holds them.
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        batch = self.engine.generate([chat_prompt_ids(self.tokenizer, messages) for messages in message_lists], params)
+        return [text for text, _ in response_texts(self.tokenizer, batch)]
 
     def load_weights(self, state: dict[str, np.ndarray]) -> dict:
         """A full numpy state dict (the driver passes the learner's ObjectRef; Ray resolves it here

