@@ -27,10 +27,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rmr1_ray.placement import PlacementError, PlacementPlan
-
-# DeepSpeed JIT-builds its shared-memory comm op (~55 s) into this directory; a stable path makes every
-# later actor, run and test reuse the build.
-TORCH_EXTENSIONS_DIR = "~/.cache/rmr1-ray/torch_extensions"
+from rmr1_ray.ray_utils import DEFAULT_TORCH_EXTENSIONS_DIR
 
 
 def worker_env(omp_num_threads: int) -> dict[str, str]:
@@ -39,7 +36,7 @@ def worker_env(omp_num_threads: int) -> dict[str, str]:
     return {
         "OMP_NUM_THREADS": str(omp_num_threads),
         "TOKENIZERS_PARALLELISM": "false",
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser(TORCH_EXTENSIONS_DIR)),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser(DEFAULT_TORCH_EXTENSIONS_DIR)),
     }
 
 

@@ -51,6 +51,7 @@ class PolicyLearner:
         self.rank, self.world_size = rank, world_size
         self.master_addr, self.master_port = master_addr, master_port
         self.engine = None
+        self.model_config: ModelConfig | None = None  # validated in setup()
         self.device = torch.device("cpu")
         self.timings: dict[str, float] = {}
 
@@ -92,8 +93,8 @@ class PolicyLearner:
         mini_batch_sequences = cfg["algorithm"]["ppo_mini_batch_size"] * cfg["rollout"]["n_samples_per_prompt"]
         grad_accum = mini_batch_sequences // (self.world_size * settings.micro_batch_size)
         ds_config = engine_config(settings, cfg["model"]["dtype"], grad_accum, self.world_size, gpu)
-        self.engine = build_engine(ModelConfig.model_validate(cfg["model"]), settings, ds_config, self.device,
-                                   self._lr_lambda())
+        self.model_config = ModelConfig.model_validate(cfg["model"])
+        self.engine = build_engine(self.model_config, settings, ds_config, self.device, self._lr_lambda())
         num_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
         self.timings["setup_s"] = time.perf_counter() - start
         return {
@@ -221,7 +222,7 @@ class PolicyLearner:
 
     def save_hf(self, directory: str) -> None:
         """ALL ranks call. Rank 0 writes an HF model (safetensors) + tokenizer into `directory`."""
-        save_hf(self.engine, directory, self.rank, ModelConfig.model_validate(self.config["model"]))
+        save_hf(self.engine, directory, self.rank, self.model_config)
         dist.barrier()
 
     def save_checkpoint(self, directory: str) -> None:

@@ -11,6 +11,9 @@ import ray
 # Threads per worker process: Ray runs one task per CPU, so library thread pools (OpenMP, the
 # tokenizers' Rayon pool) would only oversubscribe the cores. A value set by the user wins.
 WORKER_ENV_DEFAULTS = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# DeepSpeed JIT-builds its shared-memory comm op (~30-55 s) into $TORCH_EXTENSIONS_DIR on its first
+# init_distributed; this stable default makes every later actor, job and test run reuse the build.
+DEFAULT_TORCH_EXTENSIONS_DIR = "~/.cache/rmr1-ray/torch_extensions"
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:

@@ -19,10 +19,7 @@ import torch
 
 from rmr1_ray.config.sections import ModelConfig
 from rmr1_ray.models import load_causal_lm, load_tokenizer, torch_dtype
-
-# DeepSpeed JIT-compiles a shared-memory comm op on the first init_distributed (~30-55 s). A stable
-# cache directory makes every later rank, job and test run reuse the build.
-DEFAULT_TORCH_EXTENSIONS_DIR = "~/.cache/rmr1-ray/torch_extensions"
+from rmr1_ray.ray_utils import DEFAULT_TORCH_EXTENSIONS_DIR
 
 
 class ZeroSettings(Protocol):

@@ -22,6 +22,7 @@ import ray
 from jobs import demo
 from rmr1_ray.config.demo import DemoConfig
 from rmr1_ray.config.evaluate import BenchmarkSpec
+from rmr1_ray.demo_report import HELD_OUT
 from rmr1_ray.evaluation.loaders import load_benchmark
 from rmr1_ray.ray_utils import init_ray
 
@@ -30,7 +31,6 @@ pytestmark = pytest.mark.integration
 SEED = 0
 SFT_MIN = 0.62
 GRPO_MIN_RISE = 0.08
-HELD_OUT = "eval/rewardbench/absolute"
 
 
 @pytest.fixture(scope="module")
