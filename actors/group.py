@@ -4,7 +4,7 @@ The driver talks to a group, never to single actors:
 - `call_all(method, *args)`: the same call on every worker (collective work: learner ranks);
 - `dispatch(method, items)` + `collect(calls)`: one item per call, round-robin over the workers;
   collect waits, and when a worker has died it restarts it (same bundle, setup again, replayed
-  state such as the latest weights) and re-runs that worker's items. Dispatched methods return
+  state such as the current weights) and re-runs that worker's items. Dispatched methods return
   (result, summary) or just a small summary: collect fetches only the summary, which also shows
   whether the call failed, and hands back the result as an ObjectRef.
 
@@ -90,7 +90,7 @@ class ActorGroup:
         self.max_restarts, self.restarts = max_restarts, 0
         self._remote = ray.remote(actor_cls)
         self._setup_args: tuple = ()
-        self._replay: dict[str, tuple] = {}  # method -> args, re-applied to a restarted worker
+        self._replay: dict[str, Callable[[], tuple]] = {}  # method -> its args, re-applied to a restarted worker
         self.actors = [self._create(i) for i in range(num_workers)]
 
     def actor_name(self, index: int) -> str:
@@ -165,10 +165,10 @@ class ActorGroup:
 
     # --- faults -------------------------------------------------------------------------------
 
-    def remember(self, method: str, *args) -> None:
-        """Re-apply `method(*args)` to a restarted worker (the latest call per method wins), e.g. the
-        latest weights: the args (an ObjectRef) stay referenced, so the object store keeps them."""
-        self._replay[method] = args
+    def remember_lazily(self, method: str, make_args: Callable[[], tuple]) -> None:
+        """Re-apply `method(*make_args())` to a restarted worker before it works again (the latest call
+        per method wins); make_args runs only then, e.g. to fetch the current weights."""
+        self._replay[method] = make_args
 
     def restart(self, index: int) -> None:
         if self.restarts >= self.max_restarts:
@@ -181,8 +181,8 @@ class ActorGroup:
         self.restarts += 1
         actor = self._create(index)
         ray.get(actor.setup.remote(*self._setup_args))
-        for method, args in self._replay.items():
-            ray.get(getattr(actor, method).remote(*args))
+        for method, make_args in self._replay.items():
+            ray.get(getattr(actor, method).remote(*make_args()))
         self.actors[index] = actor
         print(f"[{self.name}] worker {index} restarted as {self.actor_name(index)} in {time.perf_counter() - start:.1f} s",
               flush=True)

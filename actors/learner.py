@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections import defaultdict
 
@@ -16,18 +15,9 @@ from rmr1_ray import algorithms as algo
 from rmr1_ray.batch import DataProto, fetch, split_for_ranks, with_data_index
 from rmr1_ray.config.sections import ModelConfig
 from rmr1_ray.config.train import LearnerConfig
-from rmr1_ray.zero import build_engine, engine_config, gather_full_state, init_distributed, save_hf
-
-
-def find_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    # numpy has no bfloat16: ship it as float32 (vLLM / HF cast back on load).
-    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+from rmr1_ray.process_group import Rendezvous
+from rmr1_ray.weight_sync import SyncGroup, WeightLayout, model_layout, pack_state, send_weights
+from rmr1_ray.zero import build_engine, engine_config, full_tensors, init_distributed, save_hf
 
 
 class PolicyLearner:
@@ -37,57 +27,49 @@ class PolicyLearner:
     on bundle i of a placement group. Rendezvous (torch.distributed) goes through rank 0:
 
         ranks = [Remote.options(...).remote(config, i, world_size) for i in range(world_size)]
-        addr, port = ray.get(ranks[0].get_master_addr_port.remote())   # rank 0's node IP, a free port
+        addr, port = ray.get(ranks[0].get_master_addr_port.remote())   # rank 0 listens on its node IP
         ray.get([r.setup.remote(addr, port) for r in ranks])
 
-    (An address already known can instead be given to __init__; setup's arguments override it.)
     Every method below that touches the model is collective: call it on ALL ranks together.
     """
 
-    def __init__(
-        self, config: dict, rank: int, world_size: int, master_addr: str | None = None, master_port: int | None = None
-    ) -> None:
+    def __init__(self, config: dict, rank: int, world_size: int) -> None:
         self.config = config  # TrainConfig.model_dump(); nothing heavy happens before setup()
         self.rank, self.world_size = rank, world_size
-        self.master_addr, self.master_port = master_addr, master_port
+        self.rendezvous: Rendezvous | None = None  # of the learner ranks' own group
+        self.weight_group: SyncGroup | None = None  # rank 0: with the rollout workers (collective sync)
+        self._weight_rendezvous: Rendezvous | None = None
         self.engine = None
         self.model_config: ModelConfig | None = None  # validated in setup()
         self.device = torch.device("cpu")
         self.timings: dict[str, float] = {}
 
     def get_master_addr_port(self) -> tuple[str, int]:
-        """Rank 0 only: this node's IP and a free port for the process-group rendezvous."""
+        """Rank 0 only: this node's IP and a port rank 0 now listens on for the process-group rendezvous."""
         if self.rank != 0:
             raise RuntimeError("get_master_addr_port() must be asked of rank 0")
-        if self.master_addr is None or self.master_port is None:
-            self.master_addr, self.master_port = ray.util.get_node_ip_address(), find_free_port()
-        return self.master_addr, self.master_port
+        if self.rendezvous is None:
+            self.rendezvous = Rendezvous.open(ray.util.get_node_ip_address())
+        return self.rendezvous.endpoint()
 
     # --- setup ----------------------------------------------------------------------------------
 
-    def setup(self, master_addr: str | None = None, master_port: int | None = None) -> dict:
+    def setup(self, master_addr: str, master_port: int) -> dict:
         start = time.perf_counter()
         cfg = self.config
-        self.master_addr = master_addr or self.master_addr
-        self.master_port = master_port or self.master_port
-        if self.master_addr is None or self.master_port is None:
-            raise ValueError("no rendezvous address: ask rank 0's get_master_addr_port() and pass it to setup()")
+        if self.rank != 0:
+            self.rendezvous = Rendezvous(master_addr, master_port)
+        elif self.rendezvous is None or self.rendezvous.endpoint() != (master_addr, master_port):
+            raise ValueError("rank 0's setup() needs the address its get_master_addr_port() returned")
         threads = cfg["cluster"]["omp_num_threads"]
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
-        # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the local device is always index 0.
-        os.environ.update(
-            MASTER_ADDR=self.master_addr,
-            MASTER_PORT=str(self.master_port),
-            RANK=str(self.rank),
-            WORLD_SIZE=str(self.world_size),
-            LOCAL_RANK="0",
-        )
         gpu = cfg["cluster"]["device"] == "gpu"
         if gpu:
             torch.cuda.set_device(0)
             self.device = torch.device("cuda", 0)
-        init_distributed(gpu)
+        # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the local device is always index 0.
+        init_distributed(gpu, self.rendezvous, self.rank, self.world_size, local_rank=0)
         settings = LearnerConfig.model_validate(cfg["learner"])
         # One optimizer step per PPO mini-batch: its sequences, spread over the ranks, in micro-batches.
         mini_batch_sequences = cfg["algorithm"]["ppo_mini_batch_size"] * cfg["rollout"]["n_samples_per_prompt"]
@@ -212,13 +194,39 @@ class PolicyLearner:
 
     # --- weights and checkpoints ------------------------------------------------------------------
 
-    def gather_state_dict(self) -> dict[str, np.ndarray] | None:
-        """ALL ranks call. Rank 0 returns {name: numpy array} (the model's dtype; bf16 as float32)."""
+    def gather_state_dict(self) -> dict | None:
+        """ALL ranks call. Rank 0 returns the full weights packed for the object store (weight_sync.pack_state)."""
         start = time.perf_counter()
-        tensors = gather_full_state(self.engine, self.rank)
-        state = None if tensors is None else {name: _numpy(t) for name, t in tensors.items()}
+        tensors = ((name, t.to("cpu", copy=True)) for name, t in full_tensors(self.engine, self.rank) if t is not None)
+        state = pack_state(tensors, self.weight_layout()) if self.rank == 0 else None
+        if state is None:  # the other ranks only took part in the gathers
+            for _ in tensors:
+                pass
         self.timings["gather_s"] = time.perf_counter() - start
         return state
+
+    def weight_layout(self) -> WeightLayout:
+        return model_layout(self.engine.module)
+
+    def open_weight_group(self) -> tuple[str, int]:
+        """Rank 0: where the rollout workers meet it for collective weight sync (a port it listens on)."""
+        self._weight_rendezvous = Rendezvous.open(ray.util.get_node_ip_address())
+        return self._weight_rendezvous.endpoint()
+
+    def join_weight_group(self, address: str, port: int, rank: int, world_size: int, backend: str) -> None:
+        """Rank 0 joins the weight-sync group it opened as its rank 0 (leaving an earlier one)."""
+        if self.weight_group is not None:
+            self.weight_group.close()
+        self.weight_group = SyncGroup(backend, self._weight_rendezvous, rank, world_size, self.device)
+
+    def send_weights(self, bucket_bytes: int) -> int:
+        """ALL ranks call (the gathers are collective); rank 0 broadcasts the buckets to the rollout
+        workers, which call receive_weights at the same time. Returns the bytes sent."""
+        start = time.perf_counter()
+        group = self.weight_group if self.rank == 0 else None
+        sent = send_weights(full_tensors(self.engine, self.rank), self.weight_layout(), group, bucket_bytes)
+        self.timings["send_weights_s"] = time.perf_counter() - start
+        return sent
 
     def save_hf(self, directory: str) -> None:
         """ALL ranks call. Rank 0 writes an HF model (safetensors) + tokenizer into `directory`."""

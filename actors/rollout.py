@@ -13,6 +13,8 @@ from rmr1_ray.batch import DataProto
 from rmr1_ray.engines import SamplingParams, make_engine
 from rmr1_ray.engines.base import chat_prompt_ids, response_texts
 from rmr1_ray.models import load_tokenizer
+from rmr1_ray.process_group import Rendezvous
+from rmr1_ray.weight_sync import SyncGroup, WeightLayout, packed_bytes, receive_weights, unpack_state
 
 
 def _object_array(values: list) -> np.ndarray:
@@ -29,6 +31,8 @@ class RolloutWorker:
         self.worker_index = worker_index
         self.engine = None
         self.tokenizer = None
+        self.weight_group: SyncGroup | None = None  # collective weight sync with learner rank 0
+        self.weight_layout: WeightLayout | None = None
 
     def setup(self) -> dict:
         start = time.perf_counter()
@@ -102,12 +106,26 @@ class RolloutWorker:
         batch = self.engine.generate([chat_prompt_ids(self.tokenizer, messages) for messages in message_lists], params)
         return [text for text, _ in response_texts(self.tokenizer, batch)]
 
-    def load_weights(self, state: dict[str, np.ndarray]) -> dict:
-        """A full numpy state dict (the driver passes the learner's ObjectRef; Ray resolves it here
-        zero-copy) -> the engine's weights."""
+    def load_weights(self, packed: dict) -> dict:
+        """Full weights packed by weight_sync.pack_state (the driver passes the learner's ObjectRef; Ray
+        resolves it here zero-copy) -> the engine's weights."""
         start = time.perf_counter()
-        self.engine.load_weights(state)
-        return {"bytes": sum(a.nbytes for a in state.values()), "seconds": time.perf_counter() - start}
+        self.engine.load_weights(unpack_state(packed))
+        return {"bytes": packed_bytes(packed), "seconds": time.perf_counter() - start}
+
+    def join_weight_group(self, address: str, port: int, rank: int, world_size: int, backend: str,
+                          layout: WeightLayout) -> None:
+        """Join the collective weight-sync group of learner rank 0 (leaving an earlier one)."""
+        if self.weight_group is not None:
+            self.weight_group.close()
+        device = torch.device("cuda", 0) if self.config["cluster"]["device"] == "gpu" else torch.device("cpu")
+        self.weight_group, self.weight_layout = SyncGroup(backend, Rendezvous(address, port), rank, world_size, device), layout
+
+    def receive_weights(self, bucket_bytes: int) -> dict:
+        """One collective sync: the buckets learner rank 0 broadcasts (send_weights) -> the engine."""
+        start = time.perf_counter()
+        self.engine.load_weights(receive_weights(self.weight_layout, self.weight_group, bucket_bytes))
+        return {"seconds": time.perf_counter() - start}
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

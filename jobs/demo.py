@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
         serve_config = load_config(ServeConfig, f"{TINY}/serve.yaml", [
             f"model.path={out}/grpo/final", f"prompt_format={fmt}", "http.api_key_env=null",
-            f"http.port={find_free_port()}", f"sampling.max_new_tokens={config.eval_max_new_tokens}",
+            f"http.port={find_free_port('127.0.0.1')}", f"sampling.max_new_tokens={config.eval_max_new_tokens}",
         ])
         url = serve_judge.deploy(serve_config)
         try:  # a question of the task's kind, new to the judge

@@ -28,11 +28,14 @@ import numpy as np
 import ray
 import ray.train.torch
 import torch
+from ray.train.backend import Backend, BackendConfig
+from ray.train.collective import broadcast_from_rank_zero
 
 from rmr1_ray.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from rmr1_ray.config import job_parser, parse_job_config, save_resolved
 from rmr1_ray.config.distill import DistillConfig
 from rmr1_ray.models import load_tokenizer
+from rmr1_ray.process_group import Rendezvous
 from rmr1_ray.ray_utils import init_ray
 from rmr1_ray.sft import (
     SftExample,
@@ -151,6 +154,20 @@ def save(engine, out: Path, step: int, trainer_state: dict, rank: int, config: D
     dist.barrier()  # renamed before anyone reads or saves again
 
 
+class RanksBackend(Backend):
+    """Ray Train's part of the set-up: every rank sees the node's GPUs, as under TorchTrainer (NCCL's
+    peer-to-peer paths need them). The process group is formed by train_loop itself, through
+    rmr1_ray.process_group: TorchTrainer's own rendezvous store listens on every network interface."""
+
+    share_cuda_visible_devices = True
+
+
+class RanksConfig(BackendConfig):
+    @property
+    def backend_cls(self) -> type[Backend]:
+        return RanksBackend
+
+
 def train_loop(loop_config: dict) -> None:
     """Ray Train's per-worker function: one DeepSpeed rank."""
     config = DistillConfig.model_validate(loop_config["config"])
@@ -163,7 +180,10 @@ def train_loop(loop_config: dict) -> None:
     device = ray.train.torch.get_device() if gpu else torch.device("cpu")
     if gpu:
         torch.cuda.set_device(device)
-    init_distributed(gpu)  # Ray Train has set the rendezvous variables
+    # Rank 0 listens on its node IP, the others learn where (our group, not Ray Train's: see RanksBackend).
+    rendezvous = Rendezvous.open(ray.util.get_node_ip_address()) if rank == 0 else None
+    address, port = broadcast_from_rank_zero(rendezvous.endpoint() if rendezvous else None)
+    init_distributed(gpu, rendezvous or Rendezvous(address, port), rank, world, context.get_local_rank())
     train, val = ray.get(loop_config["train"]), ray.get(loop_config["val"])
     steps_per_epoch = len(train) // t.global_batch_size  # plan_epoch drops the last incomplete step
     total_steps = min(t.epochs * steps_per_epoch, t.max_steps or sys.maxsize)
@@ -244,14 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     init_ray(config.cluster.address)
     workers, gpu = config.workers, config.cluster.device == "gpu"
     resources = {"CPU": workers.num_cpus_per_worker, **workers.resources}
     if gpu:
         resources["GPU"] = workers.num_gpus_per_worker
-    trainer = TorchTrainer(
+    trainer = DataParallelTrainer(
         train_loop,
         train_loop_config={
             "config": config.model_dump(mode="json"),
@@ -263,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=gpu, resources_per_worker=resources,
                                      placement_strategy=workers.strategy),
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        backend_config=RanksConfig(),
         run_config=RunConfig(
             name=f"distill-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(out / "ray_train"),

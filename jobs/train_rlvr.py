@@ -11,7 +11,7 @@ One step, as data. The driver holds ObjectRefs; batches move between groups thro
     samples           -> learner.compute_log_probs -> old log-probs    }
     all of them       -> rewarder.assemble         -> step batch with GRPO advantages
     step batch        -> learner.update            -> metrics (PPO mini-batches, clip, KL loss)
-    learner           -> rollout workers           weights (one numpy state dict in the object store)
+    learner           -> rollout workers           weights (rollout.weight_sync: object store or collective)
 
 Every trainer.eval_every steps (and at the end) the rollout workers judge data.val_path and the
 `evaluation` benchmarks greedily with the just-synced weights; the scores are logged with the step.
@@ -46,7 +46,7 @@ from rmr1_ray.evaluation.during_training import evaluate_policy, read_val_prompt
 from rmr1_ray.placement import PlacementError, ensure_resources, group_specs, plan_placement
 from rmr1_ray.ray_utils import init_ray
 from rmr1_ray.tracking import Tracker, new_run_id, rollout_metrics, wait_timed
-from rmr1_ray.weight_sync import sync_weights
+from rmr1_ray.weight_sync import WeightSync
 
 SAMPLE_PROMPTS_PER_BATCH = 4  # prompts per rollout batch shown in the samples table
 ACTOR_CLASSES = {"learner": PolicyLearner, "reference": ReferenceModel, "rollout": RolloutWorker,
@@ -138,9 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                           for name, g in groups.items())
               + f"; policy has {infos[0]['num_params']:,} parameters", flush=True)
 
+        weights = WeightSync(learner, rollout, config.rollout.weight_sync, "nccl" if config.cluster.device == "gpu" else "gloo",
+                             config.rollout.weight_sync_bucket_mb * 2**20)
         if checkpoint is not None:
             ray.get(learner.call_all("load_checkpoint", str(checkpoint)))
-            sync_weights(learner, rollout)  # the rollout engines start from the checkpointed policy
+            weights.sync()  # the rollout engines start from the checkpointed policy
             restore_rng(state["rng"])
             print(f"resumed from {checkpoint} (step {start_step})", flush=True)
 
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             times["time/update"] = time.perf_counter() - stage_start
 
             # 5. weight sync learner -> rollout
-            sync = sync_weights(learner, rollout)
+            sync = weights.sync()
 
             metrics = {**rollout_metrics(generated, scored), **batch_stats, **update, **sync, **times}
             # 6. evaluation of the synced policy every trainer.eval_every steps and at the end

@@ -1,34 +1,249 @@
-"""Learner -> rollout weight sync through the Ray object store.
+"""Learner -> rollout weight sync, two ways (`rollout.weight_sync`):
 
-Every learner rank takes part in gathering the ZeRO-3 shards (a collective); rank 0 returns the full
-state dict as numpy arrays, which Ray stores once. The driver hands that ObjectRef, never the data,
-to every rollout worker's load_weights; Ray resolves it there zero-copy (numpy, not torch: ~10x
-faster to put and get). The ref is also remembered by the rollout group, so a restarted worker
-loads the current weights before it generates again.
+- `object_store`: every learner rank takes part in gathering the ZeRO-3 shards; rank 0 packs the full
+  weights (`pack_state`: the model's own dtype, bf16 as its 2 raw bytes, a tied weight once) and Ray
+  stores them once. The driver hands that ObjectRef, never the data, to every rollout worker, which
+  resolves it zero-copy. Simple and robust; costs a host copy of the model per sync and object-store
+  space, and every rollout node pulls the whole model.
+- `collective` (`nccl` is the same on GPUs): one torch.distributed group joins learner rank 0 and every
+  rollout worker (NCCL on GPU, gloo on CPU). All learner ranks walk the parameters in state_dict order
+  and gather each ZeRO-3 parameter; rank 0 packs them into buckets of `rollout.weight_sync_bucket_mb`
+  and broadcasts each bucket as it fills, in the model's dtype, a tied weight once. Receivers unpack a
+  bucket into views and hand them to the engine before the next bucket arrives. Peak extra memory on
+  learner rank 0 is one bucket plus the parameter being gathered: no full copy.
 
-On GPU clusters an NCCL broadcast from learner rank 0 to the engines (rollout.weight_sync=nccl) avoids
-the host round trip; it is a later step, behind this same function.
+The bucket geometry is a pure function of the layout (`plan_buckets`), computed by the sender and every
+receiver from the same `WeightLayout`, so nothing but raw bytes crosses the group.
+
+`WeightSync` drives either path from the driver. A rollout worker that Ray restarted cannot rejoin a
+formed group: its replay loads the current weights through the object store (gathered on demand), and
+the group is formed again, with fresh ranks, before the next collective sync.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
+import torch
+import torch.distributed as dist
+
+from rmr1_ray.process_group import DEFAULT_TIMEOUT, Rendezvous
+
+# numpy has no bfloat16: such tensors travel as their raw 2-byte words and are viewed back on arrival.
+_RAW_VIEWS = {torch.bfloat16: torch.int16}
 
 
-def sync_weights(learner: Any, rollout: Any) -> dict[str, float]:
-    """learner, rollout: ActorGroups of PolicyLearner and RolloutWorker. Returns timings and size."""
-    start = time.perf_counter()
-    state_refs = learner.call_all("gather_state_dict")
-    ray.wait(state_refs, num_returns=len(state_refs), fetch_local=False)  # ready, but not pulled here
-    gathered = time.perf_counter()
-    _, loads = rollout.run("load_weights", [state_refs[0]] * rollout.num_workers)
-    rollout.remember("load_weights", state_refs[0])
-    return {
-        "sync/gather_s": gathered - start,
-        "sync/load_s": time.perf_counter() - gathered,
-        "sync/megabytes": loads[0]["bytes"] / 2**20,
-        "time/sync": time.perf_counter() - start,
-    }
+# --- layout and buckets ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # torch dtype name without "torch."
+    shape: tuple[int, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * torch.empty(0, dtype=self.torch_dtype).element_size()
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """What is sent, in order (each distinct tensor once), and the names that share a tensor (tied
+    weights: {"lm_head.weight": "model.embed_tokens.weight"})."""
+
+    tensors: tuple[TensorSpec, ...]
+    aliases: dict[str, str]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(spec.nbytes for spec in self.tensors)
+
+
+def model_layout(model: torch.nn.Module) -> WeightLayout:
+    """The layout of a model's state_dict (a ZeRO-3 parameter by its full `ds_shape`; non-persistent
+    buffers such as rotary inv_freq are not in state_dict and are not sent)."""
+    first_name: dict[int, str] = {}
+    tensors, aliases = [], {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first_name:
+            aliases[name] = first_name[id(tensor)]
+            continue
+        first_name[id(tensor)] = name
+        shape = tuple(getattr(tensor, "ds_shape", tensor.shape))
+        tensors.append(TensorSpec(name, str(tensor.dtype).removeprefix("torch."), shape))
+    return WeightLayout(tuple(tensors), aliases)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    nbytes: int
+    entries: tuple[tuple[int, int], ...]  # (index into layout.tensors, byte offset in the bucket)
+
+
+def plan_buckets(layout: WeightLayout, bucket_bytes: int) -> list[Bucket]:
+    """Consecutive tensors packed up to `bucket_bytes` (a larger tensor gets a bucket of its own)."""
+    buckets: list[Bucket] = []
+    entries: list[tuple[int, int]] = []
+    used = 0
+    for index, spec in enumerate(layout.tensors):
+        if entries and used + spec.nbytes > bucket_bytes:
+            buckets.append(Bucket(used, tuple(entries)))
+            entries, used = [], 0
+        entries.append((index, used))
+        used += spec.nbytes
+    if entries:
+        buckets.append(Bucket(used, tuple(entries)))
+    return buckets
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+# --- the collective group -----------------------------------------------------------------------------
+
+
+class SyncGroup:
+    """One torch.distributed process group of its own (outside the learner ranks' default group), formed
+    through a Rendezvous: rank 0 is learner rank 0, ranks 1.. the rollout workers."""
+
+    def __init__(self, backend: str, rendezvous: Rendezvous, rank: int, world_size: int, device: torch.device) -> None:
+        store = dist.PrefixStore("weight-sync", rendezvous.store(rank, world_size))
+        if backend == "nccl":
+            self.group = dist.ProcessGroupNCCL(store, rank, world_size)
+        else:
+            self.group = dist.ProcessGroupGloo(store, rank, world_size, DEFAULT_TIMEOUT)
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        self.group.broadcast(tensor, 0).wait()
+
+    def close(self) -> None:
+        """Leave the group (its store, and rank 0's listening socket with it, goes too)."""
+        self.group = None
+
+
+def send_weights(named_tensors: Iterable[tuple[str, torch.Tensor | None]], layout: WeightLayout,
+                 group: SyncGroup | None, bucket_bytes: int) -> int:
+    """Every learner rank iterates `named_tensors` (layout order: gathering is collective); rank 0 passes
+    its group and its tensors, the others None for both. Returns the bytes broadcast."""
+    buckets = plan_buckets(layout, bucket_bytes)
+    index_of = {spec.name: i for i, spec in enumerate(layout.tensors)}
+    bucket_of = {index: (b, offset) for b, bucket in enumerate(buckets) for index, offset in bucket.entries}
+    buffer, filled, current, sent = None, 0, -1, 0
+    for name, tensor in named_tensors:
+        if group is None:
+            continue
+        b, offset = bucket_of[index_of[name]]
+        if b != current:
+            buffer, filled, current = torch.empty(buckets[b].nbytes, dtype=torch.uint8, device=group.device), 0, b
+        data = _as_bytes(tensor)
+        buffer[offset : offset + data.numel()].copy_(data)
+        filled += 1
+        if filled == len(buckets[b].entries):
+            group.broadcast(buffer)
+            sent += buffer.numel()
+    return sent
+
+
+def receive_weights(layout: WeightLayout, group: SyncGroup, bucket_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the layout, bucket by bucket: each bucket is received when the
+    consumer asks for its first tensor, so a consumer that copies as it goes holds one bucket at a time."""
+    for bucket in plan_buckets(layout, bucket_bytes):
+        buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=group.device)
+        group.broadcast(buffer)
+        for index, offset in bucket.entries:
+            spec = layout.tensors[index]
+            yield spec.name, buffer[offset : offset + spec.nbytes].view(spec.torch_dtype).view(spec.shape)
+
+
+# --- the object-store form --------------------------------------------------------------------------
+
+
+def pack_state(named_tensors: Iterable[tuple[str, torch.Tensor]], layout: WeightLayout) -> dict[str, Any]:
+    """Full weights as numpy arrays for one `ray.put`: each distinct tensor once, in its own dtype (bf16 as
+    raw int16 words), with the layout to undo both."""
+    arrays = {}
+    for name, tensor in named_tensors:
+        tensor = tensor.detach().cpu()
+        arrays[name] = (tensor.view(_RAW_VIEWS[tensor.dtype]) if tensor.dtype in _RAW_VIEWS else tensor).numpy()
+    return {"layout": layout, "arrays": arrays}
+
+
+def unpack_state(packed: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) per distinct tensor of a packed state; arrays from the object store are read-only
+    views, wrapped without copying (consumers only read them)."""
+    import warnings
+
+    layout: WeightLayout = packed["layout"]
+    for spec in layout.tensors:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.from_numpy(packed["arrays"][spec.name])
+        yield spec.name, tensor.view(spec.torch_dtype) if tensor.dtype != spec.torch_dtype else tensor
+
+
+def packed_bytes(packed: dict[str, Any]) -> int:
+    return sum(array.nbytes for array in packed["arrays"].values())
+
+
+# --- the driver's side -----------------------------------------------------------------------------
+
+
+class WeightSync:
+    """learner, rollout: ActorGroups of PolicyLearner and RolloutWorker. `sync()` moves the learner's
+    current weights to every rollout worker by the configured path and returns timings and size."""
+
+    def __init__(self, learner: Any, rollout: Any, method: str, backend: str, bucket_bytes: int) -> None:
+        self.learner, self.rollout = learner, rollout
+        self.collective = method in ("collective", "nccl")
+        self.backend, self.bucket_bytes = backend, bucket_bytes
+        self.formed_at_restarts: int | None = None
+        # A restarted rollout worker loads the current weights through the object store before it works
+        # again (gathered only then); a formed group cannot take it back in.
+        rollout.remember_lazily("load_weights", lambda: (self._gather_to_object_store(),))
+
+    def _gather_to_object_store(self):
+        refs = self.learner.call_all("gather_state_dict")
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)  # ready, but not pulled here
+        return refs[0]
+
+    def _form_group(self) -> None:
+        """Learner rank 0 and every rollout worker join a new group (after a restart: the survivors leave
+        the old one first)."""
+        rank0, workers = self.learner.actors[0], self.rollout.actors
+        address, port = ray.get(rank0.open_weight_group.remote())
+        layout, world = rank0.weight_layout.remote(), 1 + len(workers)
+        ray.get([rank0.join_weight_group.remote(address, port, 0, world, self.backend),
+                 *(w.join_weight_group.remote(address, port, 1 + i, world, self.backend, layout)
+                   for i, w in enumerate(workers))])
+        self.formed_at_restarts = self.rollout.restarts
+
+    def sync(self) -> dict[str, float]:
+        start = time.perf_counter()
+        if not self.collective:
+            state_ref = self._gather_to_object_store()
+            gathered = time.perf_counter()
+            _, loads = self.rollout.run("load_weights", [state_ref] * self.rollout.num_workers)
+            nbytes = loads[0]["bytes"]
+            metrics = {"sync/gather_s": gathered - start, "sync/load_s": time.perf_counter() - gathered}
+        else:
+            if self.formed_at_restarts != self.rollout.restarts:
+                self._form_group()
+            formed = time.perf_counter()
+            sends = self.learner.call_all("send_weights", self.bucket_bytes)
+            receives = self.rollout.call_all("receive_weights", self.bucket_bytes)
+            nbytes = ray.get(sends)[0]
+            ray.get(receives)
+            metrics = {"sync/group_s": formed - start, "sync/broadcast_s": time.perf_counter() - formed}
+        return {**metrics, "sync/megabytes": nbytes / 2**20, "time/sync": time.perf_counter() - start}

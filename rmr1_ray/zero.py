@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +19,7 @@ import torch
 
 from rmr1_ray.config.sections import ModelConfig
 from rmr1_ray.models import load_causal_lm, load_tokenizer, torch_dtype
+from rmr1_ray.process_group import Rendezvous, init_default_group
 from rmr1_ray.ray_utils import DEFAULT_TORCH_EXTENSIONS_DIR
 
 
@@ -33,14 +34,22 @@ class ZeroSettings(Protocol):
     offload_params: bool
 
 
-def init_distributed(gpu: bool) -> None:
-    """Join the process group that MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE describe."""
+def init_distributed(gpu: bool, rendezvous: Rendezvous, rank: int, world_size: int, local_rank: int) -> None:
+    """Join the trainer's process group (NCCL on GPU, gloo on CPU) through rank 0's `rendezvous`, then hand
+    it to DeepSpeed, which wraps an existing group instead of forming its own (whose store would listen
+    on every interface)."""
     # DeepSpeed 0.19's ZeRO-3 calls collectives torch has renamed: one FutureWarning per call, dozens per step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(DEFAULT_TORCH_EXTENSIONS_DIR).expanduser()))
     import deepspeed  # after TORCH_EXTENSIONS_DIR is set: DeepSpeed reads it when it builds the comm op
 
-    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
+    backend = "nccl" if gpu else "gloo"
+    # DeepSpeed reads these: LOCAL_RANK picks the engine's GPU, and its CPU shared-memory collectives name
+    # their segment after MASTER_ADDR/PORT (so it is unique per group).
+    os.environ.update(MASTER_ADDR=rendezvous.address, MASTER_PORT=str(rendezvous.port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+    init_default_group(backend, rendezvous, rank, world_size)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
 def engine_config(settings: ZeroSettings, dtype: str, gradient_accumulation_steps: int, world_size: int,
@@ -111,26 +120,30 @@ def adamw(model: torch.nn.Module, settings: ZeroSettings, gpu: bool) -> torch.op
     return adam(params, **kwargs)  # both default to AdamW; their flags for it are named differently
 
 
-def gather_full_state(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:
-    """ALL ranks call. Full CPU tensors keyed like the HF state_dict (a tied lm_head.weight included) on
-    rank 0, None elsewhere. Parameters are gathered one at a time, so no rank holds the whole model."""
+def full_tensors(engine: Any, rank: int) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """ALL ranks iterate together. Each distinct tensor of the model's state_dict, in order (a tied weight
+    once, under its first name): a ZeRO-3 parameter is gathered for the duration of its step only (a
+    collective), so no rank ever holds the whole model. Rank 0 gets the full tensor, valid until it asks
+    for the next one (copy it to keep it); the other ranks get None."""
     import deepspeed
 
-    model = engine.module
-    params = dict(model.named_parameters(remove_duplicate=False))
-    buffers = dict(model.named_buffers(remove_duplicate=False))
-    out: dict[str, torch.Tensor] = {}
-    seen: dict[int, torch.Tensor] = {}  # tied weights: gathered once, the tensor shared
-    for name in model.state_dict():  # the same order on every rank
-        if name in buffers:
-            out[name] = buffers[name].detach().cpu()
+    seen: set[int] = set()
+    for name, tensor in engine.module.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
             continue
-        param = params[name]
-        if id(param) not in seen:
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                seen[id(param)] = param.detach().cpu().clone() if rank == 0 else None
-        out[name] = seen[id(param)]
-    return out if rank == 0 else None
+        seen.add(id(tensor))
+        if hasattr(tensor, "ds_id"):  # a ZeRO-3 partitioned parameter
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                yield name, tensor.detach() if rank == 0 else None
+        else:
+            yield name, tensor.detach() if rank == 0 else None
+
+
+def gather_full_state(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:
+    """ALL ranks call. Full CPU copies of the distinct tensors keyed like the HF state_dict on rank 0 (a
+    tied weight under its first name only), None elsewhere."""
+    state = {name: tensor.to("cpu", copy=True) for name, tensor in full_tensors(engine, rank) if tensor is not None}
+    return state if rank == 0 else None
 
 
 def save_hf(engine: Any, directory: str, rank: int, model_config: ModelConfig) -> None:

@@ -35,8 +35,13 @@ class RolloutConfig(Strict):
     max_model_len: int | None = None
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
-    sleep_when_idle: bool = Field(False, description="GPU only: sleep the engine while a colocated learner trains")
-    weight_sync: Literal["object_store", "nccl"] = "object_store"
+    sleep_when_idle: bool = Field(False, description="not supported yet: must stay false")
+    weight_sync: Literal["object_store", "collective", "nccl"] = Field(
+        "object_store",
+        description="learner -> rollout weights: through the Ray object store, or a torch.distributed group of "
+        "learner rank 0 and the rollout workers (NCCL on GPU, gloo on CPU; `nccl` names the GPU case)",
+    )
+    weight_sync_bucket_mb: int = Field(256, ge=1, description="collective sync: bytes per broadcast bucket, in MiB")
 
     @model_validator(mode="after")
     def _grpo_needs_groups(self) -> RolloutConfig:
@@ -120,6 +125,8 @@ class EvaluationConfig(Strict):
 
 
 class TrainConfig(Strict):
+    """A setting whose GPU path has no CPU twin running in CI is rejected (`_reject_untested_paths`)."""
+
     model: ModelConfig
     data: DataConfig
     rollout: RolloutConfig = RolloutConfig()
@@ -159,8 +166,21 @@ class TrainConfig(Strict):
                 f"trainer.eval_every={self.trainer.eval_every} but there is nothing to evaluate: "
                 "set data.val_path or evaluation.benchmarks"
             )
+        self._reject_untested_paths()
         if self.learner.lr_warmup_steps > self.trainer.total_steps:
             raise ValueError(
                 f"learner.lr_warmup_steps={self.learner.lr_warmup_steps} exceeds trainer.total_steps={self.trainer.total_steps}"
             )
         return self
+
+    def _reject_untested_paths(self) -> None:
+        rollout, gpu = self.rollout, self.cluster.device == "gpu"
+        if rollout.sleep_when_idle:
+            raise ValueError("rollout.sleep_when_idle=true is not supported yet: nothing puts the engines to sleep "
+                             "between steps, so the setting would do nothing; remove it")
+        if self.cluster.colocate and gpu:
+            raise ValueError("cluster.colocate=true with cluster.device=gpu is not supported yet: the groups would "
+                             "share GPUs without the engines sleeping while the learner trains; use separate groups")
+        if rollout.weight_sync == "nccl" and not gpu:
+            raise ValueError("rollout.weight_sync=nccl needs cluster.device=gpu; on CPU the same collective sync "
+                             "runs over gloo: rollout.weight_sync=collective")

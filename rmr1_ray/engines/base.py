@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    import numpy as np
+    from collections.abc import Iterable
+
+    import torch
 
     from rmr1_ray.batch import DataProto
 
@@ -57,8 +59,10 @@ class GenerationEngine(Protocol):
         has the tensor keys of pad_and_assemble plus rollout_log_probs, and meta_info temperature."""
         ...
 
-    def load_weights(self, state: dict[str, np.ndarray]) -> None:
-        """Replace all weights with a full state dict keyed like the HF model's state_dict()."""
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace all weights with (name, tensor) pairs keyed like the HF model's state_dict(): every
+        distinct tensor once (a tied weight under its first name), in any dtype the model casts from.
+        A tensor may be valid only until the next one is asked for (weight_sync.receive_weights)."""
         ...
 
     def shutdown(self) -> None: ...

@@ -6,9 +6,8 @@ the learner's forward pass to ~1e-6, which makes it the reference point for the 
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Iterable
 
-import numpy as np
 import torch
 
 from rmr1_ray.batch import DataProto, pad_and_assemble
@@ -59,6 +58,8 @@ class HFEngine:
             path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, device=device
         )
         self.model.requires_grad_(False)
+        first_name: dict[int, str] = {}  # tensor -> the first state_dict name that holds it (tied weights)
+        self._owner = {name: first_name.setdefault(id(t), name) for name, t in self.model.state_dict(keep_vars=True).items()}
         self.pad_id = self.tokenizer.pad_token_id
         configured = self.model.generation_config.eos_token_id
         configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
@@ -120,12 +121,18 @@ class HFEngine:
             meta_info={"temperature": params.temperature},
         )
 
-    def load_weights(self, state: dict[str, np.ndarray]) -> None:
-        with warnings.catch_warnings():
-            # Arrays from the object store are read-only views; load_state_dict only reads them.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            tensors = {name: torch.from_numpy(array) for name, array in state.items()}
-        self.model.load_state_dict(tensors, strict=True)
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies tensor by tensor into the model's own, so at most the tensor being copied exists twice.
+        A tied weight is one storage: either of its names loads it. Every distinct tensor must come."""
+        params, loaded = self.model.state_dict(), set()  # views of the model's weights
+        for name, tensor in named_tensors:
+            if name not in self._owner:
+                raise KeyError(f"hf engine: weight {name!r} is not a tensor of this model")
+            params[name].copy_(tensor)
+            loaded.add(self._owner[name])
+        if loaded != (expected := set(self._owner.values())):
+            raise ValueError(f"hf engine: weights missing from the update: {sorted(expected - loaded)[:5]}")
 
     def shutdown(self) -> None:
         self.model = None

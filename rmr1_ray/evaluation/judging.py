@@ -100,8 +100,8 @@ class EngineJudge:
         sampling = {"n": 1, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                     "max_new_tokens": s.max_new_tokens, "seed": cfg.seed}
         device = "cuda" if cfg.num_gpus_per_worker > 0 else "cpu"
-        # make_engine reads the backend's settings under RolloutConfig's names; a judge never syncs weights.
-        settings = {**cfg.vllm.model_dump(), "seed": cfg.seed, "sleep_when_idle": False, "weight_sync": "object_store"}
+        # make_engine reads the backend's settings under RolloutConfig's names.
+        settings = {**cfg.vllm.model_dump(), "seed": cfg.seed}
         ray.data.DataContext.get_current().enable_progress_bars = False  # the caller shows one bar for the run
         items = [{"key": r.key, "messages": json.dumps(r.messages)} for r in requests]
         # Similar lengths share a batch: the hf engine pads every prompt of a batch to the longest one.

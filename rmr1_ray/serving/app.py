@@ -149,9 +149,8 @@ class JudgeModel:
 def _make_engine(config: ServeConfig) -> GenerationEngine:
     from rmr1_ray.engines import make_engine
 
-    # make_engine reads the backend's settings under RolloutConfig's names; a judge never syncs weights.
-    settings = {**config.vllm.model_dump(), "seed": config.sampling.seed or 0,  # the engine's base seed
-                "sleep_when_idle": False, "weight_sync": "object_store"}
+    # make_engine reads the backend's settings under RolloutConfig's names.
+    settings = {**config.vllm.model_dump(), "seed": config.sampling.seed or 0}  # the engine's base seed
     return make_engine(config.engine, config.model.model_dump(), settings, config.device)
 
 

@@ -13,8 +13,8 @@
 Every process these clusters and their jobs start carries this module's temp dir in its command line,
 or belongs to the process group of one that does or of a `ray start`; the fixtures end exactly those,
 also when a test fails. Two clusters, because the autoscaling one must be started as such. Never
-`ray stop`: it would end every Ray process on the machine. Ray resolves --node-ip-address=127.0.0.1 to
-this machine's own address for multi-node clusters; the dashboard listens on 127.0.0.1.
+`ray stop`: it would end every Ray process on the machine. Every node is on 127.0.0.1 (tests/loopback.py) and a
+watch checks every socket of these processes.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from loopback import LoopbackWatch
 from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors, list_nodes
 from servers import write_prompt_rows
@@ -60,6 +61,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What `ray start --address=... --node-ip-address=127.0.0.1` would do, but `ray start` refuses a worker node
+# while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (tests/loopback.py), and without it rewrites 127.0.0.1 to the
+# interface address. Ray's own fake multi-node provider and ray.cluster_utils add nodes the same way: a Node
+# given its IP directly, left running when this script exits (its processes keep this session).
+NODE_LAUNCHER = """
+import json, sys
+from ray._private.node import Node
+from ray._private.parameter import RayParams
+config = json.loads(sys.argv[1])
+params = RayParams(node_ip_address="127.0.0.1", object_store_memory=300_000_000, min_worker_port=0,
+                   max_worker_port=0, include_log_monitor=True, **config)
+Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False)
+"""
+
+
 class LocalCluster:
     """The Ray processes of one test cluster (under `root`) and of its jobs; stop() ends exactly those:
     the process groups of its `ray start`s and of every process whose command line holds `marker` (this
@@ -83,6 +99,17 @@ class LocalCluster:
         output, _ = proc.communicate(timeout=180)
         assert proc.returncode == 0, output
 
+    def add_node(self, node: str, num_cpus: int, resources: dict[str, float]) -> None:
+        """A second node on 127.0.0.1 (NODE_LAUNCHER: `ray start --address` refuses one on a loopback-only
+        host), in its own session and temp dir like the `ray start` ones."""
+        config = {"gcs_address": self.address, "temp_dir": str(self.root / node), "num_cpus": num_cpus,
+                  "resources": resources, "dashboard_agent_listen_port": free_port()}
+        proc = subprocess.Popen([sys.executable, "-c", NODE_LAUNCHER, json.dumps(config)], env=BASE_ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.groups.add(proc.pid)
+        output, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, output
+
     def start_head(self, *args: str, env: dict | None = None) -> None:
         self.ray_start("head", "--head", f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                        f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}", *args,
@@ -98,6 +125,15 @@ class LocalCluster:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
+
+    def pids(self) -> set[int]:
+        """Every process of this cluster and its jobs (see stop())."""
+        pids = set()
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            with contextlib.suppress(ProcessLookupError, psutil.Error):
+                if self.marker in " ".join(proc.info["cmdline"] or []) or os.getpgid(proc.pid) in self.groups:
+                    pids.add(proc.pid)
+        return pids
 
     def stop(self) -> None:
         """SIGTERM the process groups (raylets, workers, job drivers in their own sessions), then SIGKILL
@@ -147,10 +183,11 @@ def cluster(root):
     """Head: 2 CPUs + node_a; second node: 2 CPUs + node_b. Job submission via the head's dashboard."""
     c = LocalCluster(root / "two-node", marker=root)
     try:
-        c.start_head("--num-cpus=2", '--resources={"node_a": 4}')
-        c.ray_start("b", f"--address={c.address}", "--num-cpus=2", '--resources={"node_b": 4}')
-        c.wait_for_dashboard()
-        yield c
+        with LoopbackWatch(c.pids) as c.watch:
+            c.start_head("--num-cpus=2", '--resources={"node_a": 4}')
+            c.add_node("b", num_cpus=2, resources={"node_b": 4})
+            c.wait_for_dashboard()
+            yield c
     finally:
         c.stop()
 
@@ -226,6 +263,14 @@ def test_grpo_job_submitted_with_ray_job_submit_runs_its_groups_on_both_nodes(cl
     assert placed["learner"] == node_a  # pinned by learner.group.resources={node_a: 1}
     assert "actor groups up in" in logs  # the job's own placement line (it counts nodes per group)
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_every_socket_of_the_two_node_cluster_and_its_job_is_on_loopback(cluster, grpo_done):
+    """Both nodes, the job's driver and its actor groups (gloo between the learner ranks) were watched
+    from the head's start to the job's end."""
+    nodes = list_nodes(address=cluster.dashboard, detail=True)
+    assert {n.node_ip for n in nodes} == {"127.0.0.1"} and len(nodes) == 2
+    assert cluster.watch.samples >= 10 and cluster.watch.violations == [], cluster.watch.violations[:20]
 
 
 def wandb_records(run_dir: Path) -> list[dict]:

@@ -1,8 +1,9 @@
 """The GRPO job end to end on a local 2-CPU Ray cluster: 2 DeepSpeed learner ranks, 1 rollout worker
 (hf engine), 1 reference, 1 rewarder, a tiny random judge, fp32.
 
-Two launches are shared by the tests: a 3-step run during which the rollout worker is killed after
-step 1, and a resume of that run from its step-2 checkpoint. Both evaluate during training (held-out
+Two launches are shared by the tests: a 3-step run (collective weight sync over gloo) during which the
+rollout worker is killed after step 1, and a resume of that run from its step-2 checkpoint (object-store
+sync). Both evaluate during training (held-out
 prompts and an RM-Bench subset, before step 1, every 2 steps and at the end). Sampling is seeded per (step, batch), so
 a restarted worker and a resumed run must reproduce the numbers exactly (up to float noise).
 
@@ -95,10 +96,12 @@ def kill_rollout_after_first_step(out: Path) -> threading.Thread:
 
 @pytest.fixture(scope="module")
 def run(cluster, tiny, train_dir, val_dir, tmp_path_factory) -> Path:
-    """3 steps, a checkpoint per step (the last 2 kept), W&B offline, rollout worker killed after step 1."""
+    """3 steps, a checkpoint per step (the last 2 kept), W&B offline, rollout worker killed after step 1,
+    weights synced over the collective group (gloo)."""
     out = tmp_path_factory.mktemp("run")
     killer = kill_rollout_after_first_step(out)
-    assert main(args(tiny, train_dir, out, "tracking.wandb_mode=offline", f"data.val_path={val_dir}", *EVALUATION)) == 0
+    assert main(args(tiny, train_dir, out, "tracking.wandb_mode=offline", f"data.val_path={val_dir}", *EVALUATION,
+                     "rollout.weight_sync=collective")) == 0
     killer.join(timeout=5)
     assert not killer.is_alive()
     return out
@@ -106,7 +109,7 @@ def run(cluster, tiny, train_dir, val_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def resumed(run, tiny, train_dir, val_dir, tmp_path_factory) -> Path:
-    """A new launch that continues the run from its step-2 checkpoint."""
+    """A new launch that continues the run from its step-2 checkpoint, syncing through the object store."""
     out = tmp_path_factory.mktemp("resumed")
     shutil.copytree(run / "checkpoints" / "step_000002", out / "checkpoints" / "step_000002")
     assert main(args(tiny, train_dir, out, "tracking.wandb_mode=disabled", f"data.val_path={val_dir}", *EVALUATION,

@@ -78,8 +78,12 @@ def assert_same_generations(a, b) -> None:
 
 
 def use_weights(engine, hf: HFEngine, state: dict[str, np.ndarray]) -> None:
-    engine.load_weights(state)
-    hf.load_weights(state)
+    engine.load_weights(tensors(state))
+    hf.load_weights(tensors(state))
+
+
+def tensors(state: dict[str, np.ndarray]) -> list[tuple[str, torch.Tensor]]:
+    return [(name, torch.from_numpy(array)) for name, array in state.items()]
 
 
 def assert_log_probs_match(model, batch, temperature: float) -> float:
@@ -199,27 +203,6 @@ def test_stop_token_ids_and_stop_strings(engine, hf, prompts, original_state):
     assert int(ours.batch["response_mask"][0].sum()) < 24
 
 
-def test_gpu_only_options_on_cpu(engine, tiny):
-    from rmr1_ray import weight_sync_nccl
-    from rmr1_ray.engines.vllm import VLLMEngine
-
-    engine.sleep()  # no-ops on CPU: the engine keeps working
-    engine.wake_up()
-    assert len(engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, seed=0))) == 1
-    with pytest.raises(RuntimeError, match="object_store"):
-        engine.receive_weights({"names": [], "dtype_names": [], "shapes": []})
-    with pytest.raises(ValueError, match="weight_sync=nccl needs GPUs"):
-        VLLMEngine(tiny, weight_sync="nccl")
-    # The NCCL sender describes a model without touching CUDA or vLLM.
-    model = HFEngine(tiny).model
-    info = weight_sync_nccl.describe(model)
-    assert info["names"] == list(model.state_dict()) and "lm_head.weight" in info["names"]
-    assert info["shapes"][0] == list(model.state_dict()[info["names"][0]].shape)
-    sent = list(weight_sync_nccl.full_parameters(model))
-    assert [name for name, _ in sent] == info["names"]
-    assert all(torch.equal(t, model.state_dict()[name]) for name, t in sent)
-
-
 def test_shutdown_leaves_no_engine_processes(engine, prompts):
     before = child_pids()
     engine.shutdown()
@@ -244,7 +227,7 @@ def test_tensor_parallel_engine_reload_and_shutdown(tiny, hf, prompts, original_
         assert_log_probs_match(hf.model, engine.generate(prompts, SamplingParams(n=2, max_new_tokens=16, seed=5)), 1.0)
     finally:
         engine.shutdown()
-        hf.load_weights(original_state)
+        hf.load_weights(tensors(original_state))
     assert not (child_pids() & workers), "tensor-parallel worker processes outlived shutdown"
 
 

@@ -120,3 +120,19 @@ def test_resolved_config_round_trips(tmp_path, train_yaml):
     saved = save_resolved(cfg, tmp_path / "run")
     again = load_config(TrainConfig, saved)
     assert again == cfg
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["rollout.sleep_when_idle=true"], "rollout.sleep_when_idle=true is not supported yet"),
+    (["cluster.colocate=true", "cluster.device=gpu"], "cluster.colocate=true with cluster.device=gpu is not supported"),
+    (["rollout.weight_sync=nccl"], "rollout.weight_sync=nccl needs cluster.device=gpu"),
+])
+def test_settings_without_a_tested_path_are_rejected_by_name(train_yaml, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, train_yaml(), overrides)
+
+
+def test_collective_weight_sync_runs_on_cpu_and_nccl_names_it_on_gpu(train_yaml):
+    assert load_config(TrainConfig, train_yaml(), ["rollout.weight_sync=collective"]).rollout.weight_sync == "collective"
+    gpu = load_config(TrainConfig, train_yaml(), ["rollout.weight_sync=nccl", "cluster.device=gpu"])
+    assert gpu.rollout.weight_sync_bucket_mb == 256

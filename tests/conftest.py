@@ -1,0 +1,25 @@
+"""Loopback only, for every test: the environment that pins Ray, gloo and vLLM to 127.0.0.1 is set before
+anything imports `ray`, and every integration or end-to-end test runs under a socket watch that fails
+it when a process it started binds or connects to another address (see loopback.py)."""
+
+from __future__ import annotations
+
+from loopback import apply_loopback_env
+
+apply_loopback_env()  # before `ray` is imported: Ray reads it into a module constant
+
+import pytest  # noqa: E402
+from loopback import LoopbackWatch  # noqa: E402
+from ray._private import ray_constants  # noqa: E402
+
+assert not ray_constants.ENABLE_RAY_CLUSTER, "ray was imported before tests/conftest.py set the loopback env"
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(request):
+    if not any(request.node.get_closest_marker(m) for m in ("integration", "e2e")):
+        yield
+        return
+    with LoopbackWatch() as watch:
+        yield
+    assert not watch.violations, "sockets off loopback:\n" + "\n".join(watch.violations[:20])
