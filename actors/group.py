@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rmr1_ray.placement import PlacementError, PlacementPlan
-from rmr1_ray.ray_utils import DEFAULT_TORCH_EXTENSIONS_DIR
+from rmr1_ray.ray_utils import default_torch_extensions_dir
 
 
 def worker_env(omp_num_threads: int) -> dict[str, str]:
@@ -36,7 +36,7 @@ def worker_env(omp_num_threads: int) -> dict[str, str]:
     return {
         "OMP_NUM_THREADS": str(omp_num_threads),
         "TOKENIZERS_PARALLELISM": "false",
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser(DEFAULT_TORCH_EXTENSIONS_DIR)),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", default_torch_extensions_dir()),
     }
 
 
@@ -58,6 +58,26 @@ def create_placement_groups(plans: Sequence[PlacementPlan], prefix: str, timeout
             ) from None
         by_group.update({g.name: pg for g in plan.groups})
     return by_group
+
+
+class WorkerDied(RuntimeError):
+    """A worker of an actor group died and was not restarted (a learner or reference rank, or a worker
+    whose group has used its restarts)."""
+
+    def __init__(self, group: str, index: int, method: str | None) -> None:
+        self.group, self.index, self.method = group, index, method
+        role = "rank" if group in ("learner", "reference") else "worker"
+        super().__init__(f"{group} {role} {index} died" + (f" during {method}" if method else ""))
+
+
+# Every worker of every group by its actor id: an ActorDiedError names the actor that died, which may
+# belong to another group than the call that saw it (a dead learner's result passed to a rewarder).
+_MEMBERS: dict[str, tuple[ActorGroup, int]] = {}
+
+
+def _dead_actor_id(exc: RayActorError) -> str | None:
+    cause = exc.cause if isinstance(exc, RayTaskError) else exc  # RayTaskError(ActorDiedError): from an argument
+    return getattr(cause, "actor_id", None) or getattr(exc, "actor_id", None)
 
 
 @dataclass
@@ -91,6 +111,7 @@ class ActorGroup:
         self._remote = ray.remote(actor_cls)
         self._setup_args: tuple = ()
         self._replay: dict[str, Callable[[], tuple]] = {}  # method -> its args, re-applied to a restarted worker
+        self.last_call: list[str | None] = [None] * num_workers  # what each worker was last asked to do
         self.actors = [self._create(i) for i in range(num_workers)]
 
     def actor_name(self, index: int) -> str:
@@ -100,7 +121,7 @@ class ActorGroup:
 
     def _create(self, index: int):
         custom = {k: v for k, v in self.per_worker.items() if k not in ("CPU", "GPU")}
-        return self._remote.options(
+        actor = self._remote.options(
             name=self.actor_name(index),
             num_cpus=self.per_worker.get("CPU", 0),
             num_gpus=self.per_worker.get("GPU", 0),
@@ -108,6 +129,8 @@ class ActorGroup:
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index),
             runtime_env={"env_vars": self.env_vars},
         ).remote(*self.make_args(index))
+        _MEMBERS[actor._actor_id.hex()] = (self, index)
+        return actor
 
     # --- calls --------------------------------------------------------------------------------
 
@@ -118,13 +141,36 @@ class ActorGroup:
         return self.call_all("setup", *args)
 
     def call_all(self, method: str, *args, num_returns: int = 1) -> list:
+        self.last_call = [method] * self.num_workers
         return [getattr(a, method).options(num_returns=num_returns).remote(*args) for a in self.actors]
+
+    def call_each(self, method: str, args_per_worker: Sequence[tuple]) -> list:
+        """Worker i runs `method(*args_per_worker[i])` (collective work with per-rank inputs) -> refs."""
+        self.last_call = [method] * self.num_workers
+        return [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_worker, strict=True)]
+
+    def get(self, refs: list, method: str) -> list:
+        """ray.get of calls made with call_all / call_each. A worker that died raises WorkerDied naming it
+        (also when the first error seen is a survivor's, e.g. its collective losing the peer)."""
+        try:
+            return ray.get(refs)
+        except RayActorError as exc:
+            raise died(exc) from exc
+        except RayTaskError:  # a survivor's error, e.g. its collective lost a peer: is a worker dead?
+            for index, actor in enumerate(self.actors):
+                try:
+                    ray.get(actor.node_id.remote(), timeout=60)
+                except RayActorError as exc:
+                    raise WorkerDied(self.name, index, method) from exc
+            raise
 
     def dispatch(self, method: str, items: Sequence, num_returns: int = 1) -> Calls:
         """Call `method(item)` for each item, item i on worker i % num_workers (a tuple item is the
         argument list). ObjectRefs in items are resolved by Ray on the worker."""
         args = [item if isinstance(item, tuple) else (item,) for item in items]
         workers = [i % self.num_workers for i in range(len(args))]
+        for w in set(workers):
+            self.last_call[w] = method
         handles = [self.actors[w] for w in workers]
         refs = [getattr(h, method).options(num_returns=num_returns).remote(*a) for h, a in zip(handles, args, strict=True)]
         return Calls(method, args, workers, handles, refs, num_returns)
@@ -132,9 +178,9 @@ class ActorGroup:
     def collect(self, calls: Calls) -> tuple[list, list]:
         """Wait for dispatched calls -> (result refs, summaries), in item order.
 
-        With num_returns=2 a result ref is the call's first return (left in the object store) and the
-        summary its second, fetched; with num_returns=1 the result refs are None and the summaries
-        the return values. A call whose worker died is re-run on the restarted worker.
+        With num_returns=k > 1 a call's last return is its summary, fetched, and its result the list of
+        its first k - 1 refs (left in the object store); with num_returns=1 the results are None and the
+        summaries the return values. A call whose worker died is re-run on the restarted worker.
         """
         results: list = [None] * len(calls.items)
         summaries: list = [None] * len(calls.items)
@@ -145,15 +191,18 @@ class ActorGroup:
                 refs = calls.refs[i] if calls.num_returns > 1 else [calls.refs[i]]
                 try:
                     summaries[i] = ray.get(refs[-1])
-                    results[i] = refs[0] if calls.num_returns > 1 else None
+                    results[i] = refs[:-1] if calls.num_returns > 1 else None
                 except RayActorError as exc:
+                    member = _MEMBERS.get(_dead_actor_id(exc))
+                    if member is not None and member != (self, calls.workers[i]):
+                        raise died(exc) from exc  # an upstream worker died, not this healthy one
                     failed.append(i)
                     print(f"[{self.name}] worker {calls.workers[i]} died during {calls.method}: {type(exc).__name__}; "
                           "restarting it and retrying its work", flush=True)
             for i in failed:
                 worker = calls.workers[i]
                 if calls.handles[i] is self.actors[worker]:  # not replaced yet by an earlier failure
-                    self.restart(worker)
+                    self.restart(worker, calls.method)
                 calls.handles[i] = self.actors[worker]
                 method = getattr(self.actors[worker], calls.method).options(num_returns=calls.num_returns)
                 calls.refs[i] = method.remote(*calls.items[i])
@@ -170,12 +219,9 @@ class ActorGroup:
         per method wins); make_args runs only then, e.g. to fetch the current weights."""
         self._replay[method] = make_args
 
-    def restart(self, index: int) -> None:
+    def restart(self, index: int, method: str) -> None:
         if self.restarts >= self.max_restarts:
-            raise RuntimeError(
-                f"{self.name} worker {index} died and the group has used all {self.max_restarts} restarts "
-                "(trainer.max_actor_restarts)"
-            )
+            raise WorkerDied(self.name, index, method)
         start = time.perf_counter()
         ray.kill(self.actors[index], no_restart=True)  # it may still be alive but unreachable
         self.restarts += 1
@@ -196,8 +242,17 @@ class ActorGroup:
         """Kill the workers. The placement group is released by `remove_placement_groups` (it may be
         shared with other groups)."""
         for actor in self.actors:
+            _MEMBERS.pop(actor._actor_id.hex(), None)
             ray.kill(actor, no_restart=True)
         self.actors = []
+
+
+def died(exc: RayActorError) -> WorkerDied:
+    """The WorkerDied of the group member an ActorDiedError names (what it was last asked to do)."""
+    group, index = _MEMBERS.get(_dead_actor_id(exc), (None, None))
+    if group is None:
+        return WorkerDied("an unknown", -1, None)
+    return WorkerDied(group.name, index, group.last_call[index])
 
 
 def remove_placement_groups(pgs: dict[str, PlacementGroup]) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from rmr1_ray import algorithms as algo
-from rmr1_ray.batch import DataProto, fetch, split_for_ranks, with_data_index
+from rmr1_ray.batch import DataProto, fetch, with_data_index
 from rmr1_ray.config.sections import ModelConfig
 from rmr1_ray.config.train import LearnerConfig
 from rmr1_ray.process_group import Rendezvous
@@ -99,26 +99,27 @@ class PolicyLearner:
     def _temperature(self, batch: DataProto) -> float:
         return algo.logprob_temperature(batch.meta_info, self.config["rollout"]["temperature"])
 
-    def compute_log_probs(self, batch_refs: list, key: str = "old_log_probs") -> DataProto:
-        """This rank's contiguous slice of the concatenated batch -> {key: [b, R]} (+ data_index).
-        The caller concatenates the ranks' results in rank order."""
+    def compute_log_probs(self, shares: list, key: str = "old_log_probs") -> DataProto:
+        """This rank's shares of the samples (payloads from batch.rank_payloads, or their refs; every rank
+        gets as many sequences) -> {key: [b, R]} (+ data_index, which places the rows in the step batch)."""
         start = time.perf_counter()
-        batch = split_for_ranks(fetch(batch_refs), self.world_size)[self.rank]
+        batch = fetch(shares)
         self.engine.eval()  # as verl: no dropout when scoring (the update runs in train mode)
         micro = self.config["learner"]["micro_batch_size"]
         log_probs = algo.response_log_probs(self.engine, batch, micro, self._temperature(batch), self.device)
         self.timings["log_probs_s"] = time.perf_counter() - start
         return with_data_index({key: log_probs}, like=batch)
 
-    def update(self, batch_ref) -> dict[str, float]:
-        """PPO epochs over this rank's slice of the step batch; one optimizer step per mini-batch.
+    def update(self, share) -> dict[str, float]:
+        """PPO epochs over this rank's share of the step batch (a payload from batch.rank_payloads); one
+        optimizer step per mini-batch.
 
         Metrics are mini-batch values (token-weighted over all ranks' micro-batches), averaged over
         the mini-batches of all epochs; grad_norm is the pre-clip norm; lr the LR of this step.
         """
         start = time.perf_counter()
         cfg, a = self.config, self.config["algorithm"]
-        batch = split_for_ranks(fetch(batch_ref), self.world_size)[self.rank]
+        batch = fetch(share)
         mini_size = a["ppo_mini_batch_size"] * cfg["rollout"]["n_samples_per_prompt"] // self.world_size
         if len(batch) % mini_size:
             raise ValueError(

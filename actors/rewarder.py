@@ -13,7 +13,7 @@ import time
 import ray
 import torch
 
-from rmr1_ray.batch import DataProto, with_data_index
+from rmr1_ray.batch import UPDATE_KEYS, DataProto, rank_payloads, with_data_index
 from rmr1_ray.config.train import RewardConfig
 from rmr1_ray.step_batch import assemble_from_refs
 from rmr1_ray.verdict import parse_judgement, rm_r1_reward, verdict_reward
@@ -55,10 +55,13 @@ class VerdictRewarder:
         return with_data_index({"token_level_rewards": token_level}, like=batch), stats
 
     def assemble(
-        self, rollouts: list, rewards: list, ref_log_probs: list, old_log_probs: list, norm_adv_by_std: bool
-    ) -> tuple[DataProto, dict]:
-        """Lists of ObjectRefs of the step's pieces -> (step batch, diagnostics); see step_batch.assemble."""
-        return assemble_from_refs(rollouts, rewards, ref_log_probs, old_log_probs, norm_adv_by_std)
+        self, rollouts: list, rewards: list, ref_log_probs: list, old_log_probs: list, norm_adv_by_std: bool,
+        learner_ranks: int,
+    ) -> tuple:
+        """Lists of ObjectRefs of the step's pieces -> (the step batch's share of every learner rank, as
+        payloads with what an update reads; diagnostics). See step_batch.assemble."""
+        batch, stats = assemble_from_refs(rollouts, rewards, ref_log_probs, old_log_probs, norm_adv_by_std)
+        return *rank_payloads(batch, learner_ranks, UPDATE_KEYS), stats
 
     def sample_rows(self, batch: DataProto, max_prompts: int) -> list[dict]:
         """The scored generations of a rollout batch's first `max_prompts` prompts (for the samples table)."""

@@ -9,7 +9,7 @@ import numpy as np
 import ray
 import torch
 
-from rmr1_ray.batch import DataProto
+from rmr1_ray.batch import LOG_PROB_KEYS, DataProto, rank_payloads
 from rmr1_ray.engines import SamplingParams, make_engine
 from rmr1_ray.engines.base import chat_prompt_ids, response_texts
 from rmr1_ray.models import load_tokenizer
@@ -58,9 +58,10 @@ class RolloutWorker:
             seed=seed,
         )
 
-    def generate(self, prompts: DataProto) -> tuple[DataProto, dict]:
+    def generate(self, prompts: DataProto) -> tuple:
         """Prompt rows (non-tensor messages, uid, winner, data_index; meta_info seed) ->
-        (n samples per prompt as a DataProto, a small summary for the driver).
+        (n samples per prompt as a DataProto, one share of them per learner rank as a payload with just
+        what a forward pass reads (batch.rank_payloads), a small summary for the driver).
 
         A sample's data_index is prompt data_index * n + k, so the samples of a step batch are
         numbered 0..B*n-1 whichever worker made them. The summary is what the driver reads (it never
@@ -96,7 +97,8 @@ class RolloutWorker:
             "truncated": int((lengths >= self.config["rollout"]["max_new_tokens"]).sum()),
             "seconds": seconds,
         }
-        return batch, summary
+        shares = rank_payloads(batch, self.config["learner"]["group"]["num_workers"], LOG_PROB_KEYS)
+        return batch, *shares, summary
 
     def judge(self, message_lists: list[list[dict]], max_new_tokens: int) -> list[str]:
         """One greedy judgement per prompt with the current weights (evaluation during training)."""

@@ -8,9 +8,9 @@ One step, as data. The driver holds ObjectRefs; batches move between groups thro
     prompts (parquet) -> rollout.generate          -> samples (n per prompt, with rollout log-probs)
     samples           -> rewarder.score            -> rewards          }
     samples           -> reference                 -> ref log-probs    } at the same time
-    samples           -> learner.compute_log_probs -> old log-probs    }
-    all of them       -> rewarder.assemble         -> step batch with GRPO advantages
-    step batch        -> learner.update            -> metrics (PPO mini-batches, clip, KL loss)
+    samples' shares   -> learner.compute_log_probs -> old log-probs    }  (each rank reads only its share)
+    all of them       -> rewarder.assemble         -> step batch with GRPO advantages, one share per rank
+    rank shares       -> learner.update            -> metrics (PPO mini-batches, clip, KL loss)
     learner           -> rollout workers           weights (rollout.weight_sync: object store or collective)
 
 Every trainer.eval_every steps (and at the end) the rollout workers judge data.val_path and the
@@ -31,18 +31,26 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from actors.group import ActorGroup, create_placement_groups, remove_placement_groups, worker_env
+from actors.group import ActorGroup, WorkerDied, create_placement_groups, remove_placement_groups, worker_env
 from actors.learner import PolicyLearner
 from actors.reference import ReferenceModel
 from actors.rewarder import VerdictRewarder
 from actors.rollout import RolloutWorker
-from rmr1_ray.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
+from rmr1_ray.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_trainer_state,
+    restore_rng,
+    save_checkpoint,
+)
 from rmr1_ray.cluster_capacity import check_reachable
 from rmr1_ray.config import job_parser, parse_job_config, save_resolved
 from rmr1_ray.config.train import TrainConfig
 from rmr1_ray.data.prompt_batches import DataPosition, PromptBatches
+from rmr1_ray.data.prompt_check import load_checked_prompts
 from rmr1_ray.engines import check_engine
 from rmr1_ray.evaluation.during_training import evaluate_policy, read_val_prompts, rollout_judge
+from rmr1_ray.models import load_tokenizer
 from rmr1_ray.placement import PlacementError, ensure_resources, group_specs, plan_placement
 from rmr1_ray.ray_utils import init_ray
 from rmr1_ray.tracking import Tracker, new_run_id, rollout_metrics, wait_timed
@@ -98,8 +106,16 @@ def main(argv: list[str] | None = None) -> int:
                        "to continue it or choose another trainer.output_dir\n")
     state = load_trainer_state(checkpoint) if checkpoint is not None else {}
     start_step = state.get("step", 0)
+    earlier_restarts = state.get("faults", {"rollout_restarts": 0, "rewarder_restarts": 0})  # counted over launches
     save_resolved(config, out)
     check_engine(config.rollout.engine)
+    # Prompt data: every shard and row checked with the policy's tokenizer before anything starts.
+    try:
+        tokenizer = load_tokenizer(config.model.tokenizer, config.model.trust_remote_code)
+        prompt_rows = load_checked_prompts(config.data.train_path, tokenizer, config.data.max_prompt_length,
+                                           config.data.max_bad_prompt_fraction, out / "rejects.jsonl")
+    except (ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"{parser.prog}: {exc}\n")
 
     # Placement: the whole plan is checked against the cluster before any actor starts.
     init_ray(config.cluster.address)
@@ -141,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         weights = WeightSync(learner, rollout, config.rollout.weight_sync, "nccl" if config.cluster.device == "gpu" else "gloo",
                              config.rollout.weight_sync_bucket_mb * 2**20)
         if checkpoint is not None:
-            ray.get(learner.call_all("load_checkpoint", str(checkpoint)))
+            learner.get(learner.call_all("load_checkpoint", str(checkpoint)), "load_checkpoint")
             weights.sync()  # the rollout engines start from the checkpointed policy
             restore_rng(state["rng"])
             print(f"resumed from {checkpoint} (step {start_step})", flush=True)
 
-        data = PromptBatches(config.data.train_path, config.algorithm.train_batch_size, trainer.seed,
+        data = PromptBatches(prompt_rows, config.algorithm.train_batch_size, trainer.seed,
                              config.data.shuffle, DataPosition(**state.get("data", {})))
         tracker = Tracker(out, config.tracking, cfg, run_id, trainer.total_steps, start_step)
         if trainer.eval_every:
@@ -166,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             chunks = prompts.chunk(rollout.num_workers)
             for i, chunk in enumerate(chunks):  # chunks share one meta_info dict: give each its own
                 chunk.meta_info = {**chunk.meta_info, "seed": rollout_seed(config.rollout.seed, step, i)}
-            samples, generated = rollout.run("generate", chunks, num_returns=2)
+            # each rollout batch comes with one share per learner rank: a rank fetches only its own
+            outputs, generated = rollout.run("generate", chunks, num_returns=2 + learner.num_workers)
+            samples = [out[0] for out in outputs]
+            shares = [[out[1 + rank] for out in outputs] for rank in range(learner.num_workers)]
             times = {"time/generate": time.perf_counter() - step_start}
 
             # 2. reward, reference and old log-probs: independent, so they run at the same time
@@ -174,24 +193,26 @@ def main(argv: list[str] | None = None) -> int:
             reward_calls = rewarder.dispatch("score", samples, num_returns=2)
             ref_refs = []
             if reference is not None:
-                shards = [samples[i :: reference.num_workers] for i in range(reference.num_workers)]
-                ref_refs = reference.dispatch("compute_log_probs", [s for s in shards if s]).refs
-            old_refs = learner.call_all("compute_log_probs", samples, "old_log_probs")
+                batches_of = [samples[i :: reference.num_workers] for i in range(reference.num_workers)]
+                ref_refs = reference.dispatch("compute_log_probs", [b for b in batches_of if b]).refs
+            old_refs = learner.call_each("compute_log_probs", [(own, "old_log_probs") for own in shares])
             times.update(wait_timed(stage_start, {"reward": [refs[-1] for refs in reward_calls.refs],
                                                   "reference": ref_refs, "old_log_prob": old_refs}))
             retry_start = time.perf_counter()
             rewards, scored = rewarder.collect(reward_calls)  # re-runs the work of a rewarder that died
+            rewards = [first for first, in rewards]
             times["time/reward"] += time.perf_counter() - retry_start
 
-            # 3. join the pieces and add GRPO advantages, on a rewarder worker (the driver holds no tensors)
+            # 3. join the pieces and add GRPO advantages, on a rewarder worker (the driver holds no tensors);
+            #    it hands back the step batch as one share per learner rank
             stage_start = time.perf_counter()
-            pieces = (samples, rewards, ref_refs, old_refs, config.algorithm.norm_adv_by_std)
-            [batch], [batch_stats] = rewarder.run("assemble", [pieces], num_returns=2)
+            pieces = (samples, rewards, ref_refs, old_refs, config.algorithm.norm_adv_by_std, learner.num_workers)
+            [update_shares], [batch_stats] = rewarder.run("assemble", [pieces], num_returns=1 + learner.num_workers)
             times["time/advantages"] = time.perf_counter() - stage_start
 
-            # 4. PPO update on every learner rank (each takes its slice of the step batch)
+            # 4. PPO update on every learner rank, each on its own share
             stage_start = time.perf_counter()
-            update = ray.get(learner.call_all("update", batch))[0]  # ranks all-reduce: identical metrics
+            update = learner.get(learner.call_each("update", [(own,) for own in update_shares]), "update")[0]  # all-reduced
             times["time/update"] = time.perf_counter() - stage_start
 
             # 5. weight sync learner -> rollout
@@ -204,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                 print_evaluation(metrics, step)
             metrics["time/step"] = time.perf_counter() - step_start
             metrics["perf/gen_tokens_per_s"] = metrics["perf/gen_tokens"] / times["time/generate"]
-            metrics.update({"data/epoch": prompts.meta_info["epoch"], "faults/rollout_restarts": rollout.restarts,
-                            "faults/rewarder_restarts": rewarder.restarts})
+            restarts = {"rollout_restarts": earlier_restarts["rollout_restarts"] + rollout.restarts,
+                        "rewarder_restarts": earlier_restarts["rewarder_restarts"] + rewarder.restarts}
+            metrics.update({"data/epoch": prompts.meta_info["epoch"], **{f"faults/{k}": v for k, v in restarts.items()}})
             tracker.log(metrics, step)
             if tracker.should_log_samples(step):
                 _, parts = rewarder.run("sample_rows", [(s, SAMPLE_PROMPTS_PER_BATCH) for s in samples])
@@ -217,14 +239,23 @@ def main(argv: list[str] | None = None) -> int:
             if step == trainer.total_steps or (trainer.save_every and step % trainer.save_every == 0):
                 saved_at = time.perf_counter()
                 path = save_checkpoint(
-                    out, step, {"data": dataclasses.asdict(data.position), "wandb_run_id": run_id},
-                    lambda directory: ray.get(learner.call_all("save_checkpoint", directory)), trainer.keep_last,
+                    out, step, {"data": dataclasses.asdict(data.position), "wandb_run_id": run_id, "faults": restarts},
+                    lambda directory: learner.get(learner.call_all("save_checkpoint", directory), "save_checkpoint"),
+                    trainer.keep_last,
                 )
                 print(f"saved {path} in {time.perf_counter() - saved_at:.1f} s", flush=True)
 
-        ray.get(learner.call_all("save_hf", str(out / "final")))
+        learner.get(learner.call_all("save_hf", str(out / "final")), "save_hf")
         print(f"final model: {out / 'final'}", flush=True)
         return 0
+    except (WorkerDied, CheckpointError) as exc:
+        # A rank of a ZeRO-3 group or the reference cannot rejoin a running step, and a group out of
+        # restarts has no more: the run ends here, saying who died and where to resume from.
+        used = (f" (its group has used all {trainer.max_actor_restarts} restarts: trainer.max_actor_restarts)"
+                if isinstance(exc, WorkerDied) and exc.group in ("rollout", "rewarder") else "")
+        last = latest_checkpoint(out)
+        resume = f"from step {load_trainer_state(last)['step']}" if last else "from the start (no checkpoint yet)"
+        parser.exit(3, f"{parser.prog}: {exc}{used}; resume with --resume {resume}\n")
     finally:
         if tracker is not None:
             tracker.finish()

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from verl.protocol import DataProto
 
-__all__ = ["DataProto", "concat", "fetch", "pad_and_assemble", "split_for_ranks", "with_data_index"]
+__all__ = ["DataProto", "concat", "fetch", "from_payload", "pad_and_assemble", "rank_payloads", "split_for_ranks",
+           "to_payload", "with_data_index"]
 
 _JOINT_KEYS = ("input_ids", "attention_mask", "position_ids")  # [B, P+R]: pad left by P, right by R
 
@@ -156,8 +157,43 @@ def split_for_ranks(batch: DataProto, world_size: int) -> list[DataProto]:
     return batch.chunk(world_size)
 
 
+# Keys a learner rank reads to score or train on its share, and their wire dtypes: token ids fit int32,
+# masks int8 (4x and 8x smaller than int64). Anything else travels as it is.
+_COMPACT = {"prompts": np.int32, "responses": np.int32, "input_ids": np.int32, "position_ids": np.int32,
+            "attention_mask": np.int8, "response_mask": np.int8}
+LOG_PROB_KEYS = ("prompts", "responses", "input_ids", "attention_mask", "position_ids", "response_mask")  # a forward pass (prompts: its widths)
+UPDATE_KEYS = (*LOG_PROB_KEYS, "old_log_probs", "ref_log_probs", "advantages")  # a PPO update
+
+
+def to_payload(batch: DataProto, keys: Sequence[str] | None = None) -> dict:
+    """A batch (or its `keys`) as plain numpy arrays for the object store: each rank that gets it reads
+    it zero-copy, where a DataProto (pickled through torch.save) is deserialised whole by every reader."""
+    names = list(batch.batch.keys()) if keys is None else list(keys)
+    tensors = {}
+    for name in names:
+        array = batch.batch[name].numpy()
+        tensors[name] = array.astype(_COMPACT[name]) if name in _COMPACT else array
+    return {"tensors": tensors, "data_index": np.asarray(batch.non_tensor_batch["data_index"], dtype=np.int64),
+            "meta_info": dict(batch.meta_info)}
+
+
+def from_payload(payload: dict) -> DataProto:
+    """The inverse of to_payload: ids and masks back to int64."""
+    tensors = {name: torch.tensor(array, dtype=torch.long if name in _COMPACT else None)  # a copy: the arrays
+               for name, array in payload["tensors"].items()}                          # are read-only
+    data_index = np.empty(len(payload["data_index"]), dtype=object)
+    data_index[:] = payload["data_index"].tolist()
+    return DataProto.from_dict(tensors=tensors, non_tensors={"data_index": data_index}, meta_info=payload["meta_info"])
+
+
+def rank_payloads(batch: DataProto, world_size: int, keys: Sequence[str] | None = None) -> list[dict]:
+    """split_for_ranks, each share as a payload: what rank r alone fetches."""
+    return [to_payload(share, keys) for share in split_for_ranks(batch, world_size)]
+
+
 def fetch(refs) -> DataProto:
-    """A DataProto, an ObjectRef of one, or a list of either -> one concatenated DataProto.
+    """A DataProto or payload (to_payload), an ObjectRef of one, or a list of these -> one concatenated
+    DataProto.
 
     Ray resolves an ObjectRef passed directly as an actor-call argument but leaves refs inside a list
     unresolved, so callers can send either; the actor fetches them here.
@@ -167,7 +203,8 @@ def fetch(refs) -> DataProto:
     items = refs if isinstance(refs, list | tuple) else [refs]
     pending = [i for i, item in enumerate(items) if isinstance(item, ray.ObjectRef)]
     fetched = dict(zip(pending, ray.get([items[i] for i in pending]), strict=True))
-    return concat([fetched.get(i, item) for i, item in enumerate(items)])
+    items = [fetched.get(i, item) for i, item in enumerate(items)]
+    return concat([from_payload(item) if isinstance(item, dict) else item for item in items])
 
 
 def with_data_index(tensors: dict[str, torch.Tensor], like: DataProto) -> DataProto:

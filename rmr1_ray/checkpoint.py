@@ -7,13 +7,18 @@
       hf/                  the policy as an HF model (safetensors + tokenizer)
 
 Everything is first written to step_000003.tmp and renamed when complete, so a crash mid-save never
-leaves a half-written checkpoint that `latest_checkpoint` would pick. The directory must be on
-storage every learner rank can reach (shared storage on a multi-node cluster).
+leaves a half-written checkpoint that `latest_checkpoint` would pick; an old checkpoint is renamed to
+step_N.deleting before it is removed, so a crash mid-delete never leaves a partial one under its name.
+Leftovers of either kind are removed at the next save. A save first checks that the disk has room for
+another checkpoint the size of the last one, and a failed save says where and why (no space left, with
+the bytes needed). The directory must be on storage every learner rank can reach (shared storage on a
+multi-node cluster).
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import random
@@ -70,6 +75,26 @@ def _jsonable(value):
     return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message names the step, the path and the cause."""
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Unfinished saves (.tmp) and interrupted deletions (.deleting) of earlier launches."""
+    for leftover in [*root.glob("step_*.tmp"), *root.glob("step_*.deleting")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _delete(checkpoint: Path) -> None:
+    doomed = checkpoint.with_name(checkpoint.name + ".deleting")
+    os.replace(checkpoint, doomed)  # atomic: from here on it no longer counts as a checkpoint
+    shutil.rmtree(doomed)
+
+
 def save_checkpoint(
     out_dir: str | Path,
     step: int,
@@ -80,21 +105,36 @@ def save_checkpoint(
     """Write checkpoint `step` atomically and keep only the newest `keep_last`.
 
     save_learner(dir) writes the learner's state (all ranks: DeepSpeed shards + HF model) into dir.
+    Raises CheckpointError, leaving no partial directory behind, when the disk cannot take it.
     """
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"{final.name}.tmp"
-    if tmp.exists():  # left by a crash during an earlier save of this step
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_learner(str(tmp))
-    state = {**trainer_state, "step": step, "rng": rng_state()}
-    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(root)
+    previous = latest_checkpoint(out_dir)
+    needed = directory_bytes(previous) if previous is not None else 0
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise CheckpointError(f"checkpoint step {step} could not be written to {tmp}: no space left "
+                              f"(needs ~{needed:,} bytes, the size of {previous.name}; {free:,} free)")
+    tmp.mkdir()
+    try:
+        save_learner(str(tmp))
+        state = {**trainer_state, "step": step, "rng": rng_state()}
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")  # the completion marker: last
+    except Exception as exc:
+        written = directory_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(root).free
+        full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC or free < max(needed - written, 1 << 20)
+        cause = f"no space left ({written:,} bytes written, {free:,} free)" if full else f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"checkpoint step {step} could not be written to {tmp}: {cause}") from exc
     if final.exists():  # the same step saved again by a resumed run
-        shutil.rmtree(final)
+        _delete(final)
     os.replace(tmp, final)  # atomic on one filesystem
     for old in completed_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(old)
+        _delete(old)
     return final
 
 

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import sys
+from pathlib import Path
 
 import ray
 
 # Threads per worker process: Ray runs one task per CPU, so library thread pools (OpenMP, the
 # tokenizers' Rayon pool) would only oversubscribe the cores. A value set by the user wins.
 WORKER_ENV_DEFAULTS = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-# DeepSpeed JIT-builds its shared-memory comm op (~30-55 s) into $TORCH_EXTENSIONS_DIR on its first
-# init_distributed; this stable default makes every later actor, job and test run reuse the build.
-DEFAULT_TORCH_EXTENSIONS_DIR = "~/.cache/rmr1-ray/torch_extensions"
+
+
+def default_torch_extensions_dir() -> str:
+    """DeepSpeed JIT-builds its shared-memory comm op (~30-55 s) into $TORCH_EXTENSIONS_DIR on its first
+    init_distributed; this stable default makes every later actor, job and test run reuse the build. One
+    folder per Python environment: a build is tied to its torch, and two venvs sharing one folder would
+    rebuild it each time the other one ran."""
+    env = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return str(Path("~/.cache/rmr1-ray/torch_extensions").expanduser() / env)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:

@@ -8,9 +8,9 @@
 - `collective` (`nccl` is the same on GPUs): one torch.distributed group joins learner rank 0 and every
   rollout worker (NCCL on GPU, gloo on CPU). All learner ranks walk the parameters in state_dict order
   and gather each ZeRO-3 parameter; rank 0 packs them into buckets of `rollout.weight_sync_bucket_mb`
-  and broadcasts each bucket as it fills, in the model's dtype, a tied weight once. Receivers unpack a
-  bucket into views and hand them to the engine before the next bucket arrives. Peak extra memory on
-  learner rank 0 is one bucket plus the parameter being gathered: no full copy.
+  and broadcasts each bucket as it fills (while the next fills), in the model's dtype, a tied weight once.
+  Receivers unpack a bucket into views and hand them to the engine while the next bucket arrives. Peak
+  extra memory on learner rank 0 is two buckets plus the parameter being gathered: no full copy.
 
 The bucket geometry is a pure function of the layout (`plan_buckets`), computed by the sender and every
 receiver from the same `WeightLayout`, so nothing but raw bytes crosses the group.
@@ -119,14 +119,15 @@ class SyncGroup:
 
     def __init__(self, backend: str, rendezvous: Rendezvous, rank: int, world_size: int, device: torch.device) -> None:
         store = dist.PrefixStore("weight-sync", rendezvous.store(rank, world_size))
-        if backend == "nccl":
-            self.group = dist.ProcessGroupNCCL(store, rank, world_size)
+        if backend == "nccl":  # on the current CUDA device; the class exists in CUDA builds of torch only
+            self.group = dist.ProcessGroupNCCL(store, rank, world_size, dist.ProcessGroupNCCL.Options())
         else:
             self.group = dist.ProcessGroupGloo(store, rank, world_size, DEFAULT_TIMEOUT)
         self.rank, self.world_size, self.device = rank, world_size, device
 
-    def broadcast(self, tensor: torch.Tensor) -> None:
-        self.group.broadcast(tensor, 0).wait()
+    def broadcast(self, tensor: torch.Tensor):
+        """Start broadcasting `tensor` from rank 0 -> a Work to wait() on before touching the tensor."""
+        return self.group.broadcast(tensor, 0)
 
     def close(self) -> None:
         """Leave the group (its store, and rank 0's listening socket with it, goes too)."""
@@ -136,35 +137,55 @@ class SyncGroup:
 def send_weights(named_tensors: Iterable[tuple[str, torch.Tensor | None]], layout: WeightLayout,
                  group: SyncGroup | None, bucket_bytes: int) -> int:
     """Every learner rank iterates `named_tensors` (layout order: gathering is collective); rank 0 passes
-    its group and its tensors, the others None for both. Returns the bytes broadcast."""
+    its group and its tensors, the others None for both. Returns the bytes broadcast.
+
+    A bucket is broadcast while the next one fills (two buckets in memory at most); a tensor that has a
+    bucket to itself is broadcast from where it lies, without a copy, before the next is gathered.
+    """
     buckets = plan_buckets(layout, bucket_bytes)
     index_of = {spec.name: i for i, spec in enumerate(layout.tensors)}
     bucket_of = {index: (b, offset) for b, bucket in enumerate(buckets) for index, offset in bucket.entries}
-    buffer, filled, current, sent = None, 0, -1, 0
+    in_flight, buffer, filled, sent = None, None, 0, 0
     for name, tensor in named_tensors:
         if group is None:
             continue
         b, offset = bucket_of[index_of[name]]
-        if b != current:
-            buffer, filled, current = torch.empty(buckets[b].nbytes, dtype=torch.uint8, device=group.device), 0, b
         data = _as_bytes(tensor)
+        if len(buckets[b].entries) == 1:  # valid only until the next tensor is asked for: send it now
+            group.broadcast(data).wait()
+            sent += data.numel()
+            continue
+        if buffer is None:
+            buffer, filled = torch.empty(buckets[b].nbytes, dtype=torch.uint8, device=group.device), 0
         buffer[offset : offset + data.numel()].copy_(data)
         filled += 1
         if filled == len(buckets[b].entries):
-            group.broadcast(buffer)
-            sent += buffer.numel()
+            if in_flight is not None:
+                in_flight.wait()
+            in_flight, sent, buffer = group.broadcast(buffer), sent + buffer.numel(), None
+    if in_flight is not None:
+        in_flight.wait()
     return sent
 
 
 def receive_weights(layout: WeightLayout, group: SyncGroup, bucket_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of the layout, bucket by bucket: each bucket is received when the
-    consumer asks for its first tensor, so a consumer that copies as it goes holds one bucket at a time."""
-    for bucket in plan_buckets(layout, bucket_bytes):
+    """(name, tensor) for every tensor of the layout, bucket by bucket. The next bucket is received while
+    the consumer takes this one's tensors, so a consumer that copies as it goes holds two buckets at most."""
+    buckets = plan_buckets(layout, bucket_bytes)
+
+    def start(bucket: Bucket):
         buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=group.device)
-        group.broadcast(buffer)
+        return buffer, group.broadcast(buffer)
+
+    upcoming = start(buckets[0]) if buckets else None
+    for k, bucket in enumerate(buckets):
+        buffer, work = upcoming
+        work.wait()
+        upcoming = start(buckets[k + 1]) if k + 1 < len(buckets) else None
         for index, offset in bucket.entries:
             spec = layout.tensors[index]
             yield spec.name, buffer[offset : offset + spec.nbytes].view(spec.torch_dtype).view(spec.shape)
+        del buffer  # a consumer that copied its tensors has released this bucket
 
 
 # --- the object-store form --------------------------------------------------------------------------
@@ -216,6 +237,7 @@ class WeightSync:
     def _gather_to_object_store(self):
         refs = self.learner.call_all("gather_state_dict")
         ray.wait(refs, num_returns=len(refs), fetch_local=False)  # ready, but not pulled here
+        self.learner.get(refs[1:], "gather_state_dict")  # the other ranks return None: a cheap check for a death
         return refs[0]
 
     def _form_group(self) -> None:
@@ -243,7 +265,7 @@ class WeightSync:
             formed = time.perf_counter()
             sends = self.learner.call_all("send_weights", self.bucket_bytes)
             receives = self.rollout.call_all("receive_weights", self.bucket_bytes)
-            nbytes = ray.get(sends)[0]
-            ray.get(receives)
+            nbytes = self.learner.get(sends, "send_weights")[0]  # first: a dead learner rank is the cause
+            self.rollout.get(receives, "receive_weights")
             metrics = {"sync/group_s": formed - start, "sync/broadcast_s": time.perf_counter() - formed}
         return {**metrics, "sync/megabytes": nbytes / 2**20, "time/sync": time.perf_counter() - start}

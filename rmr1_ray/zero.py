@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -20,7 +19,7 @@ import torch
 from rmr1_ray.config.sections import ModelConfig
 from rmr1_ray.models import load_causal_lm, load_tokenizer, torch_dtype
 from rmr1_ray.process_group import Rendezvous, init_default_group
-from rmr1_ray.ray_utils import DEFAULT_TORCH_EXTENSIONS_DIR
+from rmr1_ray.ray_utils import default_torch_extensions_dir
 
 
 class ZeroSettings(Protocol):
@@ -40,7 +39,7 @@ def init_distributed(gpu: bool, rendezvous: Rendezvous, rank: int, world_size: i
     on every interface)."""
     # DeepSpeed 0.19's ZeRO-3 calls collectives torch has renamed: one FutureWarning per call, dozens per step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(DEFAULT_TORCH_EXTENSIONS_DIR).expanduser()))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_torch_extensions_dir())
     import deepspeed  # after TORCH_EXTENSIONS_DIR is set: DeepSpeed reads it when it builds the comm op
 
     backend = "nccl" if gpu else "gloo"
@@ -120,23 +119,31 @@ def adamw(model: torch.nn.Module, settings: ZeroSettings, gpu: bool) -> torch.op
     return adam(params, **kwargs)  # both default to AdamW; their flags for it are named differently
 
 
-def full_tensors(engine: Any, rank: int) -> Iterator[tuple[str, torch.Tensor | None]]:
+def full_tensors(engine: Any, rank: int, group_bytes: int = 64 * 2**20) -> Iterator[tuple[str, torch.Tensor | None]]:
     """ALL ranks iterate together. Each distinct tensor of the model's state_dict, in order (a tied weight
-    once, under its first name): a ZeRO-3 parameter is gathered for the duration of its step only (a
-    collective), so no rank ever holds the whole model. Rank 0 gets the full tensor, valid until it asks
-    for the next one (copy it to keep it); the other ranks get None."""
+    once, under its first name). ZeRO-3 parameters are gathered a group of up to `group_bytes` at a time
+    (one collective per group, which costs far less than one per parameter), so no rank ever holds more
+    of the model than a group and the largest parameter. Rank 0 gets full tensors, valid until it asks
+    for the next one after its group (copy them to keep them); the other ranks get None."""
     import deepspeed
 
-    seen: set[int] = set()
+    distinct: dict[int, tuple[str, torch.Tensor]] = {}
     for name, tensor in engine.module.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        if hasattr(tensor, "ds_id"):  # a ZeRO-3 partitioned parameter
-            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+        distinct.setdefault(id(tensor), (name, tensor))
+    groups: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, tensor in distinct.values():
+        nbytes = getattr(tensor, "ds_numel", tensor.numel()) * tensor.element_size()
+        if groups[-1] and size + nbytes > group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, tensor))
+        size += nbytes
+    for group in groups:
+        sharded = [tensor for _, tensor in group if hasattr(tensor, "ds_id")]  # ZeRO-3 partitioned
+        with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None, enabled=bool(sharded)):
+            for name, tensor in group:
                 yield name, tensor.detach() if rank == 0 else None
-        else:
-            yield name, tensor.detach() if rank == 0 else None
 
 
 def gather_full_state(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:

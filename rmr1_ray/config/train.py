@@ -16,6 +16,9 @@ class DataConfig(Strict):
     val_path: str | None = Field(None, description="held-out prepared prompts (OUT/val), judged every trainer.eval_every steps")
     shuffle: bool = True
     max_prompt_length: int = Field(4096, ge=1)
+    max_bad_prompt_fraction: float = Field(
+        0.0, ge=0, le=1, description="skip bad prompt rows (written to rejects.jsonl) up to this share; "
+        "0: any bad row stops the job before it starts")
 
 
 class RolloutConfig(Strict):
@@ -161,6 +164,13 @@ class TrainConfig(Strict):
                 f"algorithm.train_batch_size={algo.train_batch_size} is not divisible by "
                 f"rollout.group.num_workers={self.rollout.group.num_workers}"
             )
+        per_worker = algo.train_batch_size // self.rollout.group.num_workers * n
+        if per_worker % ranks:
+            raise ValueError(
+                f"each rollout worker's batch of algorithm.train_batch_size / rollout.group.num_workers * "
+                f"rollout.n_samples_per_prompt = {per_worker} sequences goes to the learner ranks in equal shares, "
+                f"which learner.group.num_workers={ranks} does not divide"
+            )
         if self.trainer.eval_every and not (self.evaluation.benchmarks or self.data.val_path):
             raise ValueError(
                 f"trainer.eval_every={self.trainer.eval_every} but there is nothing to evaluate: "
@@ -181,6 +191,12 @@ class TrainConfig(Strict):
         if self.cluster.colocate and gpu:
             raise ValueError("cluster.colocate=true with cluster.device=gpu is not supported yet: the groups would "
                              "share GPUs without the engines sleeping while the learner trains; use separate groups")
+        tp, gpus = rollout.tensor_parallel_size, rollout.group.num_gpus_per_worker
+        if tp > 1 and rollout.engine != "vllm":
+            raise ValueError(f"rollout.tensor_parallel_size={tp} needs rollout.engine=vllm (the hf engine has none)")
+        if gpu and rollout.engine == "vllm" and gpus != tp:
+            raise ValueError(f"rollout.group.num_gpus_per_worker={gpus:g} must equal rollout.tensor_parallel_size={tp}: "
+                             "each rollout worker runs one engine whose TP workers use exactly its GPUs")
         if rollout.weight_sync == "nccl" and not gpu:
             raise ValueError("rollout.weight_sync=nccl needs cluster.device=gpu; on CPU the same collective sync "
                              "runs over gloo: rollout.weight_sync=collective")

@@ -28,17 +28,27 @@ class DataPosition:
     offset: int = 0  # rows of this epoch's permutation already used
 
 
-def read_prompt_table(path: str | Path) -> pa.Table:
-    """All parquet files under `path` (a file or a directory), in file-name order."""
+def prompt_files(path: str | Path) -> list[Path]:
+    """The parquet shards under `path` (a file or a directory), in file-name order."""
     path = Path(path)
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"data.train_path: no parquet files in {path} (run `rmr1 prepare` first)")
-    tables = [pq.read_table(f, memory_map=True) for f in files]
-    missing = [c for c in REQUIRED_COLUMNS if c not in tables[0].column_names]
+    return files
+
+
+def read_shard(file: Path) -> pa.Table:
+    """One shard's REQUIRED_COLUMNS; a shard without them is an error naming the file."""
+    table = pq.read_table(file, memory_map=True)
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
-        raise ValueError(f"{files[0]}: missing columns {missing}; prepared prompt rows need {list(REQUIRED_COLUMNS)}")
-    return pa.concat_tables([t.select(list(REQUIRED_COLUMNS)) for t in tables])
+        raise ValueError(f"{file}: missing columns {missing}; prepared prompt rows need {list(REQUIRED_COLUMNS)}")
+    return table.select(list(REQUIRED_COLUMNS))
+
+
+def read_prompt_table(path: str | Path) -> pa.Table:
+    """All shards under `path`, unchecked beyond their columns (rmr1_ray.data.prompt_check checks rows)."""
+    return pa.concat_tables([read_shard(f) for f in prompt_files(path)])
 
 
 def _object_array(values: list) -> np.ndarray:
@@ -49,9 +59,10 @@ def _object_array(values: list) -> np.ndarray:
 
 class PromptBatches:
     def __init__(
-        self, path: str | Path, batch_size: int, seed: int, shuffle: bool = True, position: DataPosition = DataPosition()
+        self, table: pa.Table, batch_size: int, seed: int, shuffle: bool = True, position: DataPosition = DataPosition()
     ) -> None:
-        self.table = read_prompt_table(path)
+        """table: prompt rows with REQUIRED_COLUMNS (read_prompt_table, or prompt_check's good rows)."""
+        self.table = table
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         if self.table.num_rows < batch_size:
             raise ValueError(

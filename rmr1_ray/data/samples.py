@@ -7,9 +7,9 @@ pairwise.json. Texts are random sentences (no meaning, realistic lengths); same 
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,15 @@ def write_sample_mix(out_dir: str | Path, rows_per_source: int = 64, seed: int =
     }
 
 
-if __name__ == "__main__":
-    paths = write_sample_mix(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 64)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rmr1_ray.data.samples",
+                                     description="Write the synthetic preference files of configs/tiny-cpu/prepare.yaml.")
+    parser.add_argument("out_dir", help="folder for skywork.jsonl, code_pref.jsonl, math_step_dpo.parquet, pairwise.json")
+    parser.add_argument("rows_per_source", nargs="?", type=int, default=64)
+    args = parser.parse_args(argv)
+    paths = write_sample_mix(args.out_dir, args.rows_per_source)
     print("\n".join(str(p) for p in paths.values()))
+
+
+if __name__ == "__main__":
+    main()

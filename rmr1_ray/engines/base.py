@@ -41,8 +41,15 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
     """A chat prompt's token ids as the judge reads them: the chat template with the generation prompt,
     rendered to text and tokenised without adding special tokens (the template already holds them),
     as RM-R1's own harness does."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return chat_prompts_ids(tokenizer, [messages])[0]
+
+
+def chat_prompts_ids(tokenizer: Any, conversations: list[list[dict]]) -> list[list[int]]:
+    """chat_prompt_ids of many conversations in one batched tokenizer call."""
+    if not conversations:
+        return []
+    texts = [tokenizer.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True) for m in conversations]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def response_texts(tokenizer: Any, batch: DataProto) -> list[tuple[str, int]]:

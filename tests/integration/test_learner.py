@@ -6,7 +6,6 @@ the gathered state dict, and checkpoint/resume determinism.
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -17,9 +16,10 @@ import torch
 from actors.learner import PolicyLearner
 from actors.reference import ReferenceModel
 from rmr1_ray import algorithms as algo
-from rmr1_ray.batch import concat, pad_and_assemble
+from rmr1_ray.batch import LOG_PROB_KEYS, UPDATE_KEYS, concat, pad_and_assemble, rank_payloads
 from rmr1_ray.config.train import TrainConfig
 from rmr1_ray.models import load_causal_lm
+from rmr1_ray.ray_utils import default_torch_extensions_dir
 from rmr1_ray.tiny import make_tiny
 from rmr1_ray.weight_sync import unpack_state
 
@@ -31,7 +31,7 @@ TEMPERATURE = 0.8
 ENV = {
     "OMP_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    "TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/rmr1-ray/torch_extensions"),
+    "TORCH_EXTENSIONS_DIR": default_torch_extensions_dir(),
 }
 
 
@@ -46,6 +46,12 @@ def make_learner_group(config: dict) -> tuple[list, list[dict]]:
 
 def on_all(ranks, method: str, *args):
     return ray.get([getattr(r, method).remote(*args) for r in ranks])
+
+
+def per_rank(ranks, method: str, batch, keys, *args):
+    """`method(own share, *args)` on every rank, each getting its share of `batch` as the driver sends it."""
+    shares = rank_payloads(batch, len(ranks), keys)
+    return ray.get([getattr(r, method).remote(ray.put(share), *args) for r, share in zip(ranks, shares, strict=True)])
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +148,7 @@ def hf_log_probs(model, batch) -> list[torch.Tensor]:
 def training_batch(batch, group, reference, rewards):
     """What the driver assembles: old/ref log-probs, rewards on the last token, GRPO advantages."""
     ref = ray.put(batch)
-    old = concat(on_all(group, "compute_log_probs", [ref]))
+    old = concat(per_rank(group, "compute_log_probs", batch, LOG_PROB_KEYS))
     batch.batch["old_log_probs"] = old.batch["old_log_probs"]
     batch.batch["ref_log_probs"] = ray.get(reference.compute_log_probs.remote([ref])).batch["ref_log_probs"]
     mask = batch.batch["response_mask"]
@@ -178,8 +184,7 @@ def test_gathered_state_is_the_initial_hf_state(group, config):
 
 def test_log_probs_match_reference_and_plain_hf(group, reference, config):
     batch = hand_batch(seed=1)
-    ref = ray.put(batch)
-    parts = on_all(group, "compute_log_probs", [ref])
+    parts = per_rank(group, "compute_log_probs", batch, LOG_PROB_KEYS)
     assert [len(p) for p in parts] == [2, 2]
     learner = concat(parts)
     assert learner.non_tensor_batch["data_index"].tolist() == [0, 1, 2, 3]  # rank order = batch order
@@ -198,7 +203,7 @@ def test_update_matches_single_process_replica(group, reference, config):
     2 PPO epochs over one mini-batch = 2 optimizer steps (the second with ratio != 1)."""
     a, learner = config["algorithm"], config["learner"]
     batch = training_batch(hand_batch(seed=2), group, reference, rewards=[1.0, -1.0, 1.0, -1.0])
-    metrics = on_all(group, "update", [ray.put(batch)])
+    metrics = per_rank(group, "update", batch, UPDATE_KEYS)
     assert metrics[0] == metrics[1]  # all-reduced
     m = metrics[0]
     timings = ray.get(group[0].last_timings.remote())
@@ -251,12 +256,11 @@ def test_update_matches_single_process_replica(group, reference, config):
 def test_checkpoint_resume_is_deterministic(group, reference, config, tmp_path):
     """save -> update; a NEW learner group loads the checkpoint -> same weights, same update."""
     batch = training_batch(hand_batch(seed=3), group, reference, rewards=[-1.0, 1.0, 1.0, -1.0])
-    batch_ref = ray.put(batch)
     saved = gathered(group)
     start = time.perf_counter()
     on_all(group, "save_checkpoint", str(tmp_path / "ckpt"))
     print(f"save_checkpoint: {time.perf_counter() - start:.2f} s")
-    expected_metrics = on_all(group, "update", [batch_ref])[0]
+    expected_metrics = per_rank(group, "update", batch, UPDATE_KEYS)[0]
     expected_state = gathered(group)
     for r in group:  # free the CPUs for the new group
         ray.kill(r)
@@ -268,7 +272,7 @@ def test_checkpoint_resume_is_deterministic(group, reference, config, tmp_path):
     try:
         on_all(resumed, "load_checkpoint", str(tmp_path / "ckpt"))
         assert_states_equal(gathered(resumed), saved)
-        metrics = on_all(resumed, "update", [batch_ref])[0]
+        metrics = per_rank(resumed, "update", batch, UPDATE_KEYS)[0]
         assert metrics == pytest.approx(expected_metrics, rel=1e-6, abs=1e-9)
         assert metrics["actor/lr"] < LR  # the cosine schedule resumed past step 0
         assert_states_equal(gathered(resumed), expected_state, atol=1e-7)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from servers import write_prompt_rows
 
 from jobs.train_rlvr import main
-from rmr1_ray.data.prompt_batches import PromptBatches
+from rmr1_ray.data.prompt_batches import PromptBatches, read_prompt_table
 from rmr1_ray.tiny import make_tiny
 
 pytestmark = pytest.mark.integration
@@ -167,7 +167,7 @@ def test_killed_rollout_worker_is_restarted_and_no_prompt_is_lost_or_repeated(ru
     logged = metrics(run)
     assert [logged[s]["faults/rollout_restarts"] for s in (1, 2, 3)] == [0, 1, 1]
     # Every step trained on exactly its own prompts, each with n samples numbered 0..B*n-1 once.
-    expected = PromptBatches(train_dir, PROMPTS, seed=0)
+    expected = PromptBatches(read_prompt_table(train_dir), PROMPTS, seed=0)
     for step in (1, 2, 3):
         samples = [json.loads(line) for line in (run / "samples" / f"step_{step:06d}.jsonl").read_text().splitlines()]
         want = list(expected.next().non_tensor_batch["uid"])
@@ -178,6 +178,7 @@ def test_killed_rollout_worker_is_restarted_and_no_prompt_is_lost_or_repeated(ru
 def test_resume_reproduces_step_three(run, resumed):
     uninterrupted, again = metrics(run), metrics(resumed)
     assert sorted(again) == [3]  # no step-0 evaluation on a resume
+    assert again[3]["faults/rollout_restarts"] == 1  # the restart before the checkpoint still counts
     for key in [*DETERMINISTIC, "val/accuracy", "eval/rm_bench/error_rate"]:
         assert again[3][key] == pytest.approx(uninterrupted[3][key], rel=1e-4, abs=1e-6), key
     first, second = load_file(run / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")

@@ -246,17 +246,21 @@ def train_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.timeout(1800)  # actor start-up (DeepSpeed, vLLM) is slow on a busy 2-core machine
-def test_grpo_job_with_vllm_engine(tiny, train_dir, tmp_path):
+@pytest.mark.parametrize(("tp", "weight_sync"), [(1, "object_store"), (2, "collective")])
+def test_grpo_job_with_vllm_engine(tiny, train_dir, tmp_path, tp, weight_sync):
+    """The job with vLLM engines inside its rollout actors: TP=1, and TP=2 (two vLLM worker processes per
+    engine) fed by the collective weight sync (gloo, the CPU twin of NCCL)."""
     import ray
 
     from jobs.train_rlvr import main
 
     out = tmp_path / "run"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         code = main([
             "--config", str(CONFIG), f"model.path={tiny}", f"data.train_path={train_dir}", f"trainer.output_dir={out}",
-            "rollout.engine=vllm", "trainer.total_steps=2", "tracking.wandb_mode=disabled",
+            "rollout.engine=vllm", f"rollout.tensor_parallel_size={tp}", f"rollout.weight_sync={weight_sync}",
+            "trainer.total_steps=2", "tracking.wandb_mode=disabled",
             # A random judge never wins (advantages 0): an entropy bonus makes the update move the weights.
             "learner.lr=1e-3", "algorithm.entropy_coeff=0.01",
         ])

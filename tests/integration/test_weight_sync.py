@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -22,7 +23,7 @@ from actors.learner import PolicyLearner
 from actors.rollout import RolloutWorker
 from rmr1_ray.batch import concat
 from rmr1_ray.config.train import TrainConfig
-from rmr1_ray.data.prompt_batches import PromptBatches
+from rmr1_ray.data.prompt_batches import PromptBatches, read_prompt_table
 from rmr1_ray.process_group import Rendezvous
 from rmr1_ray.ray_utils import init_ray
 from rmr1_ray.tiny import make_tiny
@@ -50,7 +51,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 def prompts(tmp_path_factory):
     out = tmp_path_factory.mktemp("prompts")
     write_prompt_rows(out / "part-00000.parquet", 4, seed=0, fmt="distilled")
-    return PromptBatches(out, 4, seed=0).next()
+    return PromptBatches(read_prompt_table(out), 4, seed=0).next()
 
 
 def config(models: dict[str, Path], group: str, engine: str, dtype: str = "float32") -> dict:
@@ -62,6 +63,10 @@ def config(models: dict[str, Path], group: str, engine: str, dtype: str = "float
         learner={"group": {"num_workers": 2, "num_cpus_per_worker": 0.5}, "micro_batch_size": 2},
         algorithm={"train_batch_size": 4, "ppo_mini_batch_size": 2},
     ).model_dump()
+
+
+def in_sample_order(batch):
+    return batch[np.argsort(np.asarray(batch.non_tensor_batch["data_index"], dtype=np.int64), kind="stable")]
 
 
 class Groups:
@@ -81,9 +86,10 @@ class Groups:
 
     def log_prob_gap(self, prompts) -> float:
         """Max |rollout log-prob - learner log-prob| over the samples of both rollout workers."""
-        samples, _ = self.rollout.run("generate", prompts.chunk(2), num_returns=2)
-        learner = concat(ray.get(self.learner.call_all("compute_log_probs", samples, "old_log_probs")))
-        rollout = concat(ray.get(samples))
+        outputs, _ = self.rollout.run("generate", prompts.chunk(2), num_returns=2 + self.learner.num_workers)
+        shares = [[out[1 + rank] for out in outputs] for rank in range(self.learner.num_workers)]
+        learner = in_sample_order(concat(ray.get(self.learner.call_each("compute_log_probs", [(own,) for own in shares]))))
+        rollout = in_sample_order(concat(ray.get([out[0] for out in outputs])))
         mask = rollout.batch["response_mask"].bool()
         return (learner.batch["old_log_probs"] - rollout.batch["rollout_log_probs"])[mask].abs().max().item()
 

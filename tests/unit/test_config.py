@@ -126,6 +126,9 @@ def test_resolved_config_round_trips(tmp_path, train_yaml):
     (["rollout.sleep_when_idle=true"], "rollout.sleep_when_idle=true is not supported yet"),
     (["cluster.colocate=true", "cluster.device=gpu"], "cluster.colocate=true with cluster.device=gpu is not supported"),
     (["rollout.weight_sync=nccl"], "rollout.weight_sync=nccl needs cluster.device=gpu"),
+    (["rollout.tensor_parallel_size=2"], "rollout.tensor_parallel_size=2 needs rollout.engine=vllm"),
+    (["rollout.engine=vllm", "rollout.tensor_parallel_size=4", "cluster.device=gpu", "rollout.group.num_gpus_per_worker=1"],
+     "rollout.group.num_gpus_per_worker=1 must equal rollout.tensor_parallel_size=4"),
 ])
 def test_settings_without_a_tested_path_are_rejected_by_name(train_yaml, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -136,3 +139,10 @@ def test_collective_weight_sync_runs_on_cpu_and_nccl_names_it_on_gpu(train_yaml)
     assert load_config(TrainConfig, train_yaml(), ["rollout.weight_sync=collective"]).rollout.weight_sync == "collective"
     gpu = load_config(TrainConfig, train_yaml(), ["rollout.weight_sync=nccl", "cluster.device=gpu"])
     assert gpu.rollout.weight_sync_bucket_mb == 256
+
+
+def test_rollout_batches_must_split_over_learner_ranks(train_yaml):
+    with pytest.raises(ConfigError, match="learner.group.num_workers=4 does not divide"):
+        load_config(TrainConfig, train_yaml(), ["learner.group.num_workers=4", "learner.micro_batch_size=1",
+                                                "rollout.group.num_workers=8", "rollout.n_samples_per_prompt=2",
+                                                "algorithm.ppo_mini_batch_size=8"])

@@ -15,7 +15,7 @@ import torch
 from rmr1_ray.batch import pad_and_assemble, with_data_index
 from rmr1_ray.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from rmr1_ray.config.train import TrainConfig
-from rmr1_ray.data.prompt_batches import DataPosition, PromptBatches
+from rmr1_ray.data.prompt_batches import DataPosition, PromptBatches, read_prompt_table
 from rmr1_ray.placement import PlacementError, ensure_resources, find_shortfall, group_specs, plan_placement
 from rmr1_ray.step_batch import assemble
 
@@ -93,22 +93,22 @@ def uids(batch) -> list[str]:
 
 
 def test_prompt_batches_are_seeded_epochs_without_partial_batches(prompts_dir):
-    batches = PromptBatches(prompts_dir, batch_size=4, seed=7)
+    batches = PromptBatches(read_prompt_table(prompts_dir), batch_size=4, seed=7)
     epoch0 = [uids(batches.next()) for _ in range(2)]
     assert len(set(epoch0[0] + epoch0[1])) == 8  # no prompt twice within an epoch
     third = batches.next()  # 2 rows left in epoch 0: dropped, epoch 1 starts
     assert third.meta_info == {"epoch": 1, "offset": 0} and batches.position == DataPosition(1, 4)
     assert uids(third) != epoch0[0]  # a new permutation per epoch
-    assert [uids(PromptBatches(prompts_dir, 4, seed=7).next()) for _ in range(1)] == epoch0[:1]
+    assert [uids(PromptBatches(read_prompt_table(prompts_dir), 4, seed=7).next()) for _ in range(1)] == epoch0[:1]
     assert list(third.non_tensor_batch["data_index"]) == [0, 1, 2, 3]
     assert third.non_tensor_batch["messages"][0][0]["role"] == "user"
 
 
 def test_prompt_batches_continue_from_a_position(prompts_dir):
-    straight = PromptBatches(prompts_dir, batch_size=3, seed=1)
+    straight = PromptBatches(read_prompt_table(prompts_dir), batch_size=3, seed=1)
     for _ in range(4):
         straight.next()
-    resumed = PromptBatches(prompts_dir, batch_size=3, seed=1, position=straight.position)
+    resumed = PromptBatches(read_prompt_table(prompts_dir), batch_size=3, seed=1, position=straight.position)
     assert uids(resumed.next()) == uids(straight.next())
 
 
