@@ -26,6 +26,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rmr1_ray.faults import WorkerDied
 from rmr1_ray.placement import PlacementError, PlacementPlan
 from rmr1_ray.ray_utils import default_torch_extensions_dir
 
@@ -58,16 +59,6 @@ def create_placement_groups(plans: Sequence[PlacementPlan], prefix: str, timeout
             ) from None
         by_group.update({g.name: pg for g in plan.groups})
     return by_group
-
-
-class WorkerDied(RuntimeError):
-    """A worker of an actor group died and was not restarted (a learner or reference rank, or a worker
-    whose group has used its restarts)."""
-
-    def __init__(self, group: str, index: int, method: str | None) -> None:
-        self.group, self.index, self.method = group, index, method
-        role = "rank" if group in ("learner", "reference") else "worker"
-        super().__init__(f"{group} {role} {index} died" + (f" during {method}" if method else ""))
 
 
 # Every worker of every group by its actor id: an ActorDiedError names the actor that died, which may
@@ -156,13 +147,21 @@ class ActorGroup:
             return ray.get(refs)
         except RayActorError as exc:
             raise died(exc) from exc
-        except RayTaskError:  # a survivor's error, e.g. its collective lost a peer: is a worker dead?
-            for index, actor in enumerate(self.actors):
-                try:
-                    ray.get(actor.node_id.remote(), timeout=60)
-                except RayActorError as exc:
-                    raise WorkerDied(self.name, index, method) from exc
+        except RayTaskError as exc:  # a survivor's error, e.g. its collective lost a peer: is a worker dead?
+            dead = self.dead_workers()
+            if dead:
+                raise WorkerDied(self.name, dead[0], method) from exc
             raise
+
+    def dead_workers(self) -> list[int]:
+        """The workers that no longer answer (each is asked for its node id)."""
+        dead = []
+        for index, actor in enumerate(self.actors):
+            try:
+                ray.get(actor.node_id.remote(), timeout=60)
+            except RayActorError:
+                dead.append(index)
+        return dead
 
     def dispatch(self, method: str, items: Sequence, num_returns: int = 1) -> Calls:
         """Call `method(item)` for each item, item i on worker i % num_workers (a tuple item is the

@@ -225,7 +225,13 @@ class PolicyLearner:
         workers, which call receive_weights at the same time. Returns the bytes sent."""
         start = time.perf_counter()
         group = self.weight_group if self.rank == 0 else None
-        sent = send_weights(full_tensors(self.engine, self.rank), self.weight_layout(), group, bucket_bytes)
+        try:
+            sent = send_weights(full_tensors(self.engine, self.rank), self.weight_layout(), group, bucket_bytes)
+        except Exception:
+            if group is not None:  # a receiver is gone: break the others' wait instead of leaving them hanging
+                group.close()
+                self.weight_group = None
+            raise
         self.timings["send_weights_s"] = time.perf_counter() - start
         return sent
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from actors.group import ActorGroup, WorkerDied, create_placement_groups, remove_placement_groups, worker_env
+from actors.group import ActorGroup, create_placement_groups, remove_placement_groups, worker_env
 from actors.learner import PolicyLearner
 from actors.reference import ReferenceModel
 from actors.rewarder import VerdictRewarder
@@ -50,6 +50,7 @@ from rmr1_ray.data.prompt_batches import DataPosition, PromptBatches
 from rmr1_ray.data.prompt_check import load_checked_prompts
 from rmr1_ray.engines import check_engine
 from rmr1_ray.evaluation.during_training import evaluate_policy, read_val_prompts, rollout_judge
+from rmr1_ray.faults import WorkerDied
 from rmr1_ray.models import load_tokenizer
 from rmr1_ray.placement import PlacementError, ensure_resources, group_specs, plan_placement
 from rmr1_ray.ray_utils import init_ray

@@ -31,7 +31,9 @@ import numpy as np
 import ray
 import torch
 import torch.distributed as dist
+from ray.exceptions import RayTaskError
 
+from rmr1_ray.faults import WorkerDied
 from rmr1_ray.process_group import DEFAULT_TIMEOUT, Rendezvous
 
 # numpy has no bfloat16: such tensors travel as their raw 2-byte words and are viewed back on arrival.
@@ -130,7 +132,10 @@ class SyncGroup:
         return self.group.broadcast(tensor, 0)
 
     def close(self) -> None:
-        """Leave the group (its store, and rank 0's listening socket with it, goes too)."""
+        """Leave the group, breaking any collective still waiting in it (its store, and rank 0's listening
+        socket with it, goes too)."""
+        if self.group is not None:
+            self.group.abort()
         self.group = None
 
 
@@ -251,6 +256,27 @@ class WeightSync:
                    for i, w in enumerate(workers))])
         self.formed_at_restarts = self.rollout.restarts
 
+    def _broadcast(self) -> int:
+        """One collective sync -> bytes sent. A rollout worker that dies during it is restarted (it loads
+        the weights through the object store), and the survivors get them from a new group."""
+        sends = self.learner.call_all("send_weights", self.bucket_bytes)
+        receives = self.rollout.call_all("receive_weights", self.bucket_bytes)
+        try:
+            nbytes = self.learner.get(sends, "send_weights")[0]  # first: a dead learner rank is the cause
+            self.rollout.get(receives, "receive_weights")
+            return nbytes
+        except (RayTaskError, WorkerDied) as exc:  # the broadcast lost a peer: a rollout worker can come back
+            if isinstance(exc, WorkerDied) and exc.group != "rollout":
+                raise
+            ray.wait(receives, num_returns=len(receives), timeout=120)  # the survivors' receives fail too
+            dead = self.rollout.dead_workers()
+            if not dead:
+                raise
+        for index in dead:
+            self.rollout.restart(index, "receive_weights")
+        self._form_group()
+        return self._broadcast()
+
     def sync(self) -> dict[str, float]:
         start = time.perf_counter()
         if not self.collective:
@@ -263,9 +289,6 @@ class WeightSync:
             if self.formed_at_restarts != self.rollout.restarts:
                 self._form_group()
             formed = time.perf_counter()
-            sends = self.learner.call_all("send_weights", self.bucket_bytes)
-            receives = self.rollout.call_all("receive_weights", self.bucket_bytes)
-            nbytes = self.learner.get(sends, "send_weights")[0]  # first: a dead learner rank is the cause
-            self.rollout.get(receives, "receive_weights")
+            nbytes = self._broadcast()
             metrics = {"sync/group_s": formed - start, "sync/broadcast_s": time.perf_counter() - formed}
         return {**metrics, "sync/megabytes": nbytes / 2**20, "time/sync": time.perf_counter() - start}

@@ -8,6 +8,7 @@ sync that moved nothing, or moved the wrong bytes, shows in the log-probs.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -72,14 +73,15 @@ def in_sample_order(batch):
 class Groups:
     """The learner and rollout groups as train_rlvr builds them, each from its own model."""
 
-    def __init__(self, models: dict[str, Path], engine: str, dtype: str = "float32") -> None:
+    def __init__(self, models: dict[str, Path], engine: str, dtype: str = "float32",
+                 rollout_cls: type = RolloutWorker) -> None:
         self.pgs = [placement_group([{"CPU": 0.5}] * 2) for _ in range(2)]
         ray.get([pg.ready() for pg in self.pgs])
         env = worker_env(1)
         learner_cfg, rollout_cfg = config(models, "learner", engine, dtype), config(models, "rollout", engine, dtype)
         self.learner = ActorGroup("learner", PolicyLearner, 2, {"CPU": 0.5}, self.pgs[0],
                                   lambda i: (learner_cfg, i, 2), env, "sync-")
-        self.rollout = ActorGroup("rollout", RolloutWorker, 2, {"CPU": 0.5}, self.pgs[1],
+        self.rollout = ActorGroup("rollout", rollout_cls, 2, {"CPU": 0.5}, self.pgs[1],
                                   lambda i: (rollout_cfg, i), env, "sync-", max_restarts=1)
         master = ray.get(self.learner.actors[0].get_master_addr_port.remote())
         ray.get([*self.learner.setup(*master), *self.rollout.setup()])
@@ -133,6 +135,29 @@ def test_a_restarted_rollout_worker_gets_the_weights_and_the_group_is_formed_aga
         metrics = sync.sync()  # a new group with the new worker, no hang
         assert metrics["sync/group_s"] > 0
         assert groups.log_prob_gap(prompts) < 1e-5
+    finally:
+        groups.close()
+
+
+def dying_once(marker: Path) -> type:
+    """RolloutWorker whose worker 0 ends its process on entering receive_weights, the first time only."""
+
+    def receive_weights(self, *args):
+        if self.worker_index == 0 and not marker.exists():
+            marker.touch()
+            os._exit(1)
+        return RolloutWorker.receive_weights(self, *args)
+
+    return type("DyingOnceRolloutWorker", (RolloutWorker,), {"receive_weights": receive_weights})
+
+
+def test_a_rollout_worker_dying_during_a_collective_sync_is_restarted_with_the_weights(cluster, models, prompts,
+                                                                                      tmp_path):
+    groups = Groups(models, "hf", rollout_cls=dying_once(tmp_path / "died"))
+    try:
+        WeightSync(groups.learner, groups.rollout, "collective", "gloo", BUCKET).sync()
+        assert (tmp_path / "died").exists() and groups.rollout.restarts == 1
+        assert groups.log_prob_gap(prompts) < 1e-5  # the new worker and the survivor both hold the learner's
     finally:
         groups.close()
 
