@@ -149,14 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         return f"mean reward {first:+.3f} (first third of the steps) -> {last:+.3f} (last third)"
 
     def serve() -> str:
-        from actors.learner import find_free_port
         from rmr1_ray.config import load_config
         from rmr1_ray.config.serve import ServeConfig
+        from rmr1_ray.process_group import free_port
         from rmr1_ray.serving.client import JudgeClient
 
         serve_config = load_config(ServeConfig, f"{TINY}/serve.yaml", [
             f"model.path={out}/grpo/final", f"prompt_format={fmt}", "http.api_key_env=null",
-            f"http.port={find_free_port('127.0.0.1')}", f"sampling.max_new_tokens={config.eval_max_new_tokens}",
+            f"http.port={free_port()}", f"sampling.max_new_tokens={config.eval_max_new_tokens}",
         ])
         url = serve_judge.deploy(serve_config)
         try:  # a question of the task's kind, new to the judge

@@ -14,6 +14,7 @@ connections use the interface named by GLOO_SOCKET_IFNAME (else the one the host
 from __future__ import annotations
 
 import datetime
+import random
 import socket
 from dataclasses import dataclass
 
@@ -58,6 +59,24 @@ class Rendezvous:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+
+
+# Ports for services that must be told their port before they bind it (Serve's HTTP proxy, test servers):
+# below Linux's ephemeral range (32768-60999), where the ports of sockets bound to port 0 come from, and
+# above Ray's worker ports (10002-19999), so that nothing starting meanwhile takes the port first.
+SERVICE_PORTS = range(20000, 32000)
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port on `address` that is free now, from SERVICE_PORTS."""
+    for port in random.sample(SERVICE_PORTS, 200):
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((address, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {SERVICE_PORTS} on {address}")
 
 
 def init_default_group(backend: str, rendezvous: Rendezvous, rank: int, world_size: int) -> None:

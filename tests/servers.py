@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,14 +24,10 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from rmr1_ray.process_group import free_port
+
 # handler(n, body) -> (status, JSON body, headers); n counts chat requests from 1 in arrival order.
 Handler = Callable[[int, dict], Awaitable[tuple[int, dict, dict[str, str]]]]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def chat_response(text: str, prompt_tokens: int = 100, completion_tokens: int = 50) -> dict:

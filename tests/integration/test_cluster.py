@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import yaml
 from loopback import LoopbackWatch
 from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors, list_nodes
-from servers import write_prompt_rows
+from servers import free_port, write_prompt_rows
 
 from rmr1_ray.tiny import make_tiny
 
@@ -54,11 +53,6 @@ ACTOR_CLASSES = {"PolicyLearner": "learner", "RolloutWorker": "rollout", "Refere
 # some processes to token mode and not others.
 BASE_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # What `ray start --address=... --node-ip-address=127.0.0.1` would do, but `ray start` refuses a worker node

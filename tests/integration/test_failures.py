@@ -6,6 +6,7 @@ the actor class is the shipped one with that method wrapped to exit the process 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -48,11 +49,13 @@ def dying(base: type, method: str, rank: int | None) -> type:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(("group", "rank", "method", "extra"), [
-    ("learner", 0, "compute_log_probs", []),
-    ("learner", 1, "update", []),
-    ("learner", 0, "gather_state_dict", []),  # the object-store sync after step 1
-    ("learner", 1, "send_weights", ["rollout.weight_sync=collective"]),
-    ("learner", 1, "save_checkpoint", []),
+    *(("learner", rank, method, extra) for rank in (0, 1) for method, extra in (
+        ("compute_log_probs", []),
+        ("update", []),
+        ("gather_state_dict", []),  # the object-store sync after step 1
+        ("send_weights", ["rollout.weight_sync=collective"]),
+        ("save_checkpoint", []),
+    )),
     ("reference", None, "compute_log_probs", []),
 ])
 def test_a_dead_rank_ends_the_run_naming_it(cluster, inputs, tmp_path, monkeypatch, capsys, group, rank, method, extra):
@@ -70,3 +73,31 @@ def test_a_dead_rank_ends_the_run_naming_it(cluster, inputs, tmp_path, monkeypat
     assert "resume with --resume from the start (no checkpoint yet)" in err
     assert "rewarder" not in err and "restarting" not in capsys.readouterr().out
     assert not [n for n in ray.util.list_named_actors() if n.startswith("rmr1-")]  # nothing left running
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.timeout(600)
+def test_a_full_disk_at_a_checkpoint_ends_the_run_naming_path_and_space(cluster, inputs, small_disk, capsys):
+    """The run's output on a 3 MiB tmpfs: metrics fit, the first checkpoint (DeepSpeed shards + HF model of
+    the tiny judge, ~10 MB) does not."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_rlvr.main(["--config", CONFIG, f"model.path={inputs['model']}", f"data.train_path={inputs['train']}",
+                         f"trainer.output_dir={small_disk}", "trainer.total_steps=2", "tracking.wandb_mode=disabled"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3, err
+    assert f"checkpoint step 1 could not be written to {small_disk}/checkpoints/step_000001.tmp: no space left" in err
+    assert "resume with --resume from the start (no checkpoint yet)" in err
+    assert sorted(p.name for p in (small_disk / "checkpoints").iterdir()) == []  # no partial directory left
+    assert (small_disk / "metrics.jsonl").read_text().count("\n") == 1  # step 1 was logged before the save

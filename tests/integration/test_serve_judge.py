@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import ray
 from ray import serve
-from servers import write_prompt_rows
+from servers import free_port, write_prompt_rows
 
 from jobs import generate_chains
 from jobs.serve_judge import deploy
@@ -32,11 +31,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BYTES = 64 * 1024
 GOOD = {"question": "What is 2 + 3?", "response_a": "2 + 3 = 5.", "response_b": "2 + 3 = 6."}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
