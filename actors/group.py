@@ -151,6 +151,7 @@ class ActorGroup:
             dead = self.dead_workers()
             if dead:
                 raise WorkerDied(self.name, dead[0], method) from exc
+            raise_dead_member(exc)
             raise
 
     def dead_workers(self) -> list[int]:
@@ -161,6 +162,8 @@ class ActorGroup:
                 ray.get(actor.node_id.remote(), timeout=60)
             except RayActorError:
                 dead.append(index)
+            except GetTimeoutError:  # busy, not dead
+                pass
         return dead
 
     def dispatch(self, method: str, items: Sequence, num_returns: int = 1) -> Calls:
@@ -195,6 +198,9 @@ class ActorGroup:
                     member = _MEMBERS.get(_dead_actor_id(exc))
                     if member is not None and member != (self, calls.workers[i]):
                         raise died(exc) from exc  # an upstream worker died, not this healthy one
+                except RayTaskError as exc:  # an upstream survivor's error (a lost peer)? then name the dead one
+                    raise_dead_member(exc)
+                    raise
                     failed.append(i)
                     print(f"[{self.name}] worker {calls.workers[i]} died during {calls.method}: {type(exc).__name__}; "
                           "restarting it and retrying its work", flush=True)
@@ -244,6 +250,15 @@ class ActorGroup:
             _MEMBERS.pop(actor._actor_id.hex(), None)
             ray.kill(actor, no_restart=True)
         self.actors = []
+
+
+def raise_dead_member(error: Exception) -> None:
+    """Raise WorkerDied for a worker of any group that no longer answers (with what it was last asked to
+    do), caused by `error`; return when every worker answers."""
+    for group in {id(g): g for g, _ in _MEMBERS.values()}.values():
+        dead = group.dead_workers()
+        if dead:
+            raise WorkerDied(group.name, dead[0], group.last_call[dead[0]]) from error
 
 
 def died(exc: RayActorError) -> WorkerDied:

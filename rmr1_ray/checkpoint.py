@@ -124,11 +124,12 @@ def save_checkpoint(
         state = {**trainer_state, "step": step, "rng": rng_state()}
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")  # the completion marker: last
     except Exception as exc:
-        written = directory_bytes(tmp)
+        # A writer in another process (a learner rank) reports a full disk in its own words (torch.save:
+        # "unexpected pos ..."), so the disk is asked: (almost) nothing left means it was full.
+        written, disk = directory_bytes(tmp), shutil.disk_usage(root)
         shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(root).free
-        full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC or free < max(needed - written, 1 << 20)
-        cause = f"no space left ({written:,} bytes written, {free:,} free)" if full else f"{type(exc).__name__}: {exc}"
+        full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC or disk.free < max(1 << 20, disk.total // 100)
+        cause = f"no space left ({written:,} bytes written, {disk.free:,} free)" if full else f"{type(exc).__name__}: {exc}"
         raise CheckpointError(f"checkpoint step {step} could not be written to {tmp}: {cause}") from exc
     if final.exists():  # the same step saved again by a resumed run
         _delete(final)
