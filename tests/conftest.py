@@ -8,6 +8,10 @@ from loopback import apply_loopback_env
 
 apply_loopback_env()  # before `ray` is imported: Ray reads it into a module constant
 
+import os  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 from loopback import LoopbackWatch  # noqa: E402
 from ray._private import ray_constants  # noqa: E402
@@ -23,3 +27,25 @@ def loopback_only(request):
     with LoopbackWatch() as watch:
         yield
     assert not watch.violations, "sockets off loopback:\n" + "\n".join(watch.violations[:20])
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size) -> a fresh tmpfs of that size ("1m", "3m"): a real disk that fills up. Root only."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        path = tmp_path / f"disk{len(mounted)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                              text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=True)

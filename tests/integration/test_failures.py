@@ -6,7 +6,6 @@ the actor class is the shipped one with that method wrapped to exit the process 
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -75,23 +74,11 @@ def test_a_dead_rank_ends_the_run_naming_it(cluster, inputs, tmp_path, monkeypat
     assert not [n for n in ray.util.list_named_actors() if n.startswith("rmr1-")]  # nothing left running
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-
-
 @pytest.mark.timeout(600)
-def test_a_full_disk_at_a_checkpoint_ends_the_run_naming_path_and_space(cluster, inputs, small_disk, capsys):
+def test_a_full_disk_at_a_checkpoint_ends_the_run_naming_path_and_space(cluster, inputs, tmpfs, capsys):
     """The run's output on a 3 MiB tmpfs: metrics fit, the first checkpoint (DeepSpeed shards + HF model of
     the tiny judge, ~10 MB) does not."""
+    small_disk = tmpfs("3m")
     with pytest.raises(SystemExit) as exit_info:
         train_rlvr.main(["--config", CONFIG, f"model.path={inputs['model']}", f"data.train_path={inputs['train']}",
                          f"trainer.output_dir={small_disk}", "trainer.total_steps=2", "tracking.wandb_mode=disabled"])
