@@ -198,12 +198,12 @@ class ActorGroup:
                     member = _MEMBERS.get(_dead_actor_id(exc))
                     if member is not None and member != (self, calls.workers[i]):
                         raise died(exc) from exc  # an upstream worker died, not this healthy one
-                except RayTaskError as exc:  # an upstream survivor's error (a lost peer)? then name the dead one
-                    raise_dead_member(exc)
-                    raise
                     failed.append(i)
                     print(f"[{self.name}] worker {calls.workers[i]} died during {calls.method}: {type(exc).__name__}; "
                           "restarting it and retrying its work", flush=True)
+                except RayTaskError as exc:  # an upstream survivor's error (a lost peer)? then name the dead one
+                    raise_dead_member(exc)
+                    raise
             for i in failed:
                 worker = calls.workers[i]
                 if calls.handles[i] is self.actors[worker]:  # not replaced yet by an earlier failure
