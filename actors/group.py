@@ -140,17 +140,17 @@ class ActorGroup:
         self.last_call = [method] * self.num_workers
         return [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_worker, strict=True)]
 
-    def get(self, refs: list, method: str) -> list:
+    def get(self, refs: list) -> list:
         """ray.get of calls made with call_all / call_each. A worker that died raises WorkerDied naming it
-        (also when the first error seen is a survivor's, e.g. its collective losing the peer)."""
+        and its call (also when the first error seen is a survivor's, e.g. its collective losing the peer)."""
         try:
             return ray.get(refs)
         except RayActorError as exc:
-            raise died(exc) from exc
+            member = died(exc)
+            if member is None:
+                raise
+            raise member from exc
         except RayTaskError as exc:  # a survivor's error, e.g. its collective lost a peer: is a worker dead?
-            dead = self.dead_workers()
-            if dead:
-                raise WorkerDied(self.name, dead[0], method) from exc
             raise_dead_member(exc)
             raise
 
@@ -226,7 +226,8 @@ class ActorGroup:
 
     def restart(self, index: int, method: str) -> None:
         if self.restarts >= self.max_restarts:
-            raise WorkerDied(self.name, index, method)
+            raise WorkerDied(self.name, index, method, f"its group has used all {self.max_restarts} restarts: "
+                                                       "trainer.max_actor_restarts")
         start = time.perf_counter()
         ray.kill(self.actors[index], no_restart=True)  # it may still be alive but unreachable
         self.restarts += 1
@@ -261,12 +262,11 @@ def raise_dead_member(error: Exception) -> None:
             raise WorkerDied(group.name, dead[0], group.last_call[dead[0]]) from error
 
 
-def died(exc: RayActorError) -> WorkerDied:
-    """The WorkerDied of the group member an ActorDiedError names (what it was last asked to do)."""
+def died(exc: RayActorError) -> WorkerDied | None:
+    """The WorkerDied of the group member an ActorDiedError names (what it was last asked to do); None for
+    an actor of no group."""
     group, index = _MEMBERS.get(_dead_actor_id(exc), (None, None))
-    if group is None:
-        return WorkerDied("an unknown", -1, None)
-    return WorkerDied(group.name, index, group.last_call[index])
+    return None if group is None else WorkerDied(group.name, index, group.last_call[index])
 
 
 def remove_placement_groups(pgs: dict[str, PlacementGroup]) -> None:

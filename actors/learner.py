@@ -198,11 +198,10 @@ class PolicyLearner:
     def gather_state_dict(self) -> dict | None:
         """ALL ranks call. Rank 0 returns the full weights packed for the object store (weight_sync.pack_state)."""
         start = time.perf_counter()
-        tensors = ((name, t.to("cpu", copy=True)) for name, t in full_tensors(self.engine, self.rank) if t is not None)
+        tensors = full_tensors(self.engine, self.rank)
         state = pack_state(tensors, self.weight_layout()) if self.rank == 0 else None
-        if state is None:  # the other ranks only took part in the gathers
-            for _ in tensors:
-                pass
+        for _ in tensors:  # the other ranks take part in the gathers (collective), and ship nothing
+            pass
         self.timings["gather_s"] = time.perf_counter() - start
         return state
 

@@ -31,6 +31,7 @@ class RolloutWorker:
         self.worker_index = worker_index
         self.engine = None
         self.tokenizer = None
+        self.device = torch.device("cpu")  # set in setup()
         self.weight_group: SyncGroup | None = None  # collective weight sync with learner rank 0
         self.weight_layout: WeightLayout | None = None
 
@@ -41,8 +42,8 @@ class RolloutWorker:
         torch.set_num_threads(threads)
         model = self.config["model"]
         self.tokenizer = load_tokenizer(model["tokenizer_path"] or model["path"], model["trust_remote_code"])
-        device = "cuda" if self.config["cluster"]["device"] == "gpu" else "cpu"
-        self.engine = make_engine(self.config["rollout"]["engine"], model, self.config["rollout"], device)
+        self.device = torch.device("cuda", 0) if self.config["cluster"]["device"] == "gpu" else torch.device("cpu")
+        self.engine = make_engine(self.config["rollout"]["engine"], model, self.config["rollout"], self.device.type)
         return {"node_id": self.node_id(), "worker_index": self.worker_index, "setup_seconds": time.perf_counter() - start}
 
     def _sampling_params(self, seed: int | None) -> SamplingParams:
@@ -120,8 +121,8 @@ class RolloutWorker:
         """Join the collective weight-sync group of learner rank 0 (leaving an earlier one)."""
         if self.weight_group is not None:
             self.weight_group.close()
-        device = torch.device("cuda", 0) if self.config["cluster"]["device"] == "gpu" else torch.device("cpu")
-        self.weight_group, self.weight_layout = SyncGroup(backend, Rendezvous(address, port), rank, world_size, device), layout
+        self.weight_group = SyncGroup(backend, Rendezvous(address, port), rank, world_size, self.device)
+        self.weight_layout = layout
 
     def receive_weights(self, bucket_bytes: int) -> dict:
         """One collective sync: the buckets learner rank 0 broadcasts (send_weights) -> the engine."""

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         weights = WeightSync(learner, rollout, config.rollout.weight_sync, "nccl" if config.cluster.device == "gpu" else "gloo",
                              config.rollout.weight_sync_bucket_mb * 2**20)
         if checkpoint is not None:
-            learner.get(learner.call_all("load_checkpoint", str(checkpoint)), "load_checkpoint")
+            learner.get(learner.call_all("load_checkpoint", str(checkpoint)))
             weights.sync()  # the rollout engines start from the checkpointed policy
             restore_rng(state["rng"])
             print(f"resumed from {checkpoint} (step {start_step})", flush=True)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # 4. PPO update on every learner rank, each on its own share
             stage_start = time.perf_counter()
-            update = learner.get(learner.call_each("update", [(own,) for own in update_shares]), "update")[0]  # all-reduced
+            update = learner.get(learner.call_each("update", [(own,) for own in update_shares]))[0]  # all-reduced
             times["time/update"] = time.perf_counter() - stage_start
 
             # 5. weight sync learner -> rollout
@@ -241,22 +241,20 @@ def main(argv: list[str] | None = None) -> int:
                 saved_at = time.perf_counter()
                 path = save_checkpoint(
                     out, step, {"data": dataclasses.asdict(data.position), "wandb_run_id": run_id, "faults": restarts},
-                    lambda directory: learner.get(learner.call_all("save_checkpoint", directory), "save_checkpoint"),
+                    lambda directory: learner.get(learner.call_all("save_checkpoint", directory)),
                     trainer.keep_last,
                 )
                 print(f"saved {path} in {time.perf_counter() - saved_at:.1f} s", flush=True)
 
-        learner.get(learner.call_all("save_hf", str(out / "final")), "save_hf")
+        learner.get(learner.call_all("save_hf", str(out / "final")))
         print(f"final model: {out / 'final'}", flush=True)
         return 0
     except (WorkerDied, CheckpointError) as exc:
         # A rank of a ZeRO-3 group or the reference cannot rejoin a running step, and a group out of
         # restarts has no more: the run ends here, saying who died and where to resume from.
-        used = (f" (its group has used all {trainer.max_actor_restarts} restarts: trainer.max_actor_restarts)"
-                if isinstance(exc, WorkerDied) and exc.group in ("rollout", "rewarder") else "")
         last = latest_checkpoint(out)
         resume = f"from step {load_trainer_state(last)['step']}" if last else "from the start (no checkpoint yet)"
-        parser.exit(3, f"{parser.prog}: {exc}{used}; resume with --resume {resume}\n")
+        parser.exit(3, f"{parser.prog}: {exc}; resume with --resume {resume}\n")
     finally:
         if tracker is not None:
             tracker.finish()

@@ -54,12 +54,6 @@ class Rendezvous:
             fd, self.listener = self.listener.detach(), None
         return dist.TCPStore(self.address, self.port, world_size, rank == 0, timeout, master_listen_fd=fd)
 
-    def close(self) -> None:
-        """Stop listening, if no store has taken the socket over."""
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-
 
 # Ports for services that must be told their port before they bind it (Serve's HTTP proxy, test servers):
 # below Linux's ephemeral range (32768-60999), where the ports of sockets bound to port 0 come from, and

