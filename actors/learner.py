@@ -1,4 +1,12 @@
-"""PolicyLearner: one DeepSpeed rank (ZeRO-3 by default) of the policy being trained with GRPO."""
+"""PolicyLearner: one DeepSpeed rank (ZeRO-3 by default) of the policy being trained with GRPO.
+
+With reference.on_learner each rank also holds its shard of the frozen reference model (the starting
+policy), as verl does: a second ZeRO-3 engine over the same ranks, without an optimizer. In bf16 it adds
+2 bytes x params / ranks to each rank (a 32B reference: ~8 GB per rank over 8 ranks, where the separate
+reference group needs the whole ~65 GB on every one of its GPUs), and its gathers reuse the same
+prefetch buckets, one engine at a time. Its log-probs come from the same call and the same rows as the
+old log-probs. It is never checkpointed: it is always model.path, on a fresh start and on a resume alike.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +25,15 @@ from rmr1_ray.config.sections import ModelConfig
 from rmr1_ray.config.train import LearnerConfig
 from rmr1_ray.process_group import Rendezvous
 from rmr1_ray.weight_sync import SyncGroup, WeightLayout, model_layout, pack_state, send_weights
-from rmr1_ray.zero import build_engine, engine_config, full_tensors, init_distributed, save_hf
+from rmr1_ray.zero import (
+    build_engine,
+    engine_config,
+    full_tensors,
+    inference_config,
+    inference_engine,
+    init_distributed,
+    save_hf,
+)
 
 
 class PolicyLearner:
@@ -40,6 +56,7 @@ class PolicyLearner:
         self.weight_group: SyncGroup | None = None  # rank 0: with the rollout workers (collective sync)
         self._weight_rendezvous: Rendezvous | None = None
         self.engine = None
+        self.reference = None  # the frozen reference's ZeRO-3 engine, with reference.on_learner
         self.model_config: ModelConfig | None = None  # validated in setup()
         self.device = torch.device("cpu")
         self.timings: dict[str, float] = {}
@@ -77,6 +94,10 @@ class PolicyLearner:
         ds_config = engine_config(settings, cfg["model"]["dtype"], grad_accum, self.world_size, gpu)
         self.model_config = ModelConfig.model_validate(cfg["model"])
         self.engine = build_engine(self.model_config, settings, ds_config, self.device, self._lr_lambda())
+        if cfg["reference"]["on_learner"]:  # the same weights, sharded over the same ranks, frozen
+            ref_config = inference_config(settings, cfg["reference"]["micro_batch_size"], cfg["model"]["dtype"],
+                                          self.world_size, gpu)
+            self.reference = inference_engine(self.model_config, ref_config, self.device)
         num_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
         self.timings["setup_s"] = time.perf_counter() - start
         return {
@@ -99,16 +120,26 @@ class PolicyLearner:
     def _temperature(self, batch: DataProto) -> float:
         return algo.logprob_temperature(batch.meta_info, self.config["rollout"]["temperature"])
 
-    def compute_log_probs(self, shares: list, key: str = "old_log_probs") -> DataProto:
+    def compute_log_probs(self, shares: list, with_reference: bool = False) -> DataProto:
         """This rank's shares of the samples (payloads from batch.rank_payloads, or their refs; every rank
-        gets as many sequences) -> {key: [b, R]} (+ data_index, which places the rows in the step batch)."""
+        gets as many sequences) -> {"old_log_probs": [b, R]}, and with `with_reference` (the ranks hold the
+        reference: reference.on_learner) also {"ref_log_probs": [b, R]} of the same rows, in forwards of
+        reference.micro_batch_size (+ data_index, which places the rows in the step batch)."""
         start = time.perf_counter()
         batch = fetch(shares)
+        temperature = self._temperature(batch)
         self.engine.eval()  # as verl: no dropout when scoring (the update runs in train mode)
         micro = self.config["learner"]["micro_batch_size"]
-        log_probs = algo.response_log_probs(self.engine, batch, micro, self._temperature(batch), self.device)
+        out = {"old_log_probs": algo.response_log_probs(self.engine, batch, micro, temperature, self.device)}
         self.timings["log_probs_s"] = time.perf_counter() - start
-        return with_data_index({key: log_probs}, like=batch)
+        if with_reference:
+            if self.reference is None:
+                raise RuntimeError("ref log-probs asked of a learner without the reference (reference.on_learner=false)")
+            start = time.perf_counter()
+            micro = self.config["reference"]["micro_batch_size"]
+            out["ref_log_probs"] = algo.response_log_probs(self.reference, batch, micro, temperature, self.device)
+            self.timings["ref_log_probs_s"] = time.perf_counter() - start
+        return with_data_index(out, like=batch)
 
     def update(self, share) -> dict[str, float]:
         """PPO epochs over this rank's share of the step batch (a payload from batch.rank_payloads); one
@@ -163,7 +194,10 @@ class PolicyLearner:
         data = micro.batch.to(self.device)
         mask = data["response_mask"]
         logits = algo.response_logits(self.engine, data, mask.shape[1])
-        log_probs = algo.token_log_probs(logits, data["responses"], temperature)
+        # The entropy comes from the same chunked pass as the log-probs: a loss term only with a
+        # coefficient, otherwise a metric without gradient.
+        entropy_mode = "loss" if a["entropy_coeff"] > 0 else "metric"
+        log_probs, entropies = algo.response_token_stats(logits, data["responses"], temperature, entropy_mode)
         # Each micro-batch loss is its share of the mini-batch loss (times world size: DeepSpeed
         # averages gradients over ranks); backward without 1/GA scaling sums the shares.
         share = {"dp_size": self.world_size, "batch_num_tokens": tokens, "global_batch_size": sequences}
@@ -182,12 +216,9 @@ class PolicyLearner:
             kl = algo.kl_loss(log_probs, data["ref_log_probs"], mask, a["kl_loss_type"], mode, **share)
             loss = loss + a["kl_loss_coef"] * kl
             metrics["actor/kl_loss"] = kl.item() / self.world_size
+        entropy = algo.entropy_loss(entropies, mask, mode, **share)
         if a["entropy_coeff"] > 0:
-            entropy = algo.entropy_loss(logits, mask, mode, **share)
             loss = loss - a["entropy_coeff"] * entropy
-        else:  # metric only: no graph through a second [b, R, V] tensor
-            with torch.no_grad():
-                entropy = algo.entropy_loss(logits.detach(), mask, mode, **share)
         metrics["actor/entropy"] = entropy.item() / self.world_size
         self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()  # optimizer step (with grad clipping) only at the accumulation boundary
@@ -241,7 +272,8 @@ class PolicyLearner:
 
     def save_checkpoint(self, directory: str) -> None:
         """ALL ranks call. DeepSpeed state (ZeRO shards, optimizer, scheduler, step) + HF model in
-        directory/hf. The directory must be reachable from every rank (shared storage on clusters)."""
+        directory/hf. The directory must be reachable from every rank (shared storage on clusters).
+        The policy only: a reference held here is model.path, which setup() loads again on a resume."""
         self.engine.save_checkpoint(directory)
         self.save_hf(os.path.join(directory, "hf"))
 
@@ -252,7 +284,8 @@ class PolicyLearner:
             raise FileNotFoundError(f"no DeepSpeed checkpoint found in {directory!r}")
 
     def last_timings(self) -> dict[str, float]:
-        """Seconds of the last setup / compute_log_probs / update / gather_state_dict on this rank."""
+        """Seconds of the last setup / compute_log_probs (policy, reference) / update / gather_state_dict
+        on this rank."""
         return dict(self.timings)
 
     def node_id(self) -> str:

@@ -1,4 +1,14 @@
-"""ReferenceModel: the frozen starting policy; its log-probs anchor the KL loss."""
+"""ReferenceModel: the frozen starting policy; its log-probs anchor the KL loss.
+
+Where the reference lives is a config choice:
+- here (default): a separate actor group, each worker one whole unsharded copy of the model. Simple and
+  runs at the same time as the learner's old log-probs, but costs GPUs of its own and needs the whole
+  model in one GPU's memory (a 32B judge: ~65 GB of bf16 weights, which an 80 GB GPU cannot hold with
+  activations);
+- reference.on_learner: on the learner ranks, as verl does: a second ZeRO-3 engine sharded like the
+  policy (bf16: 2 bytes x params / ranks on each rank), no group and no GPUs of its own
+  (actors/learner.py).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +24,8 @@ from rmr1_ray.models import load_causal_lm
 
 
 class ReferenceModel:
-    """One frozen copy of the initial policy (plain HF model, no DeepSpeed: it never trains).
+    """One frozen copy of the initial policy (plain HF model, no DeepSpeed: it never trains); the
+    reference group's worker when reference.on_learner is false.
 
     A plain class: the driver wraps it with `ray.remote(num_cpus=..., num_gpus=...)`. Several
     reference workers can serve one step; the caller sends each a different subset of batch refs.

@@ -25,12 +25,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.train.torch
 import torch
 from ray.train.backend import Backend, BackendConfig
 from ray.train.collective import broadcast_from_rank_zero
 
+from jobs.plan import add_plan_option, check_memory
 from rmr1_ray.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from rmr1_ray.config import job_parser, parse_job_config, save_resolved
 from rmr1_ray.config.distill import DistillConfig
@@ -244,7 +246,9 @@ def train_loop(loop_config: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser("rmr1 distill", __doc__, DistillConfig, EXAMPLE)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in trainer.output_dir")
+    add_plan_option(parser)
     config, args = parse_job_config(parser, DistillConfig, argv)
+    check_memory(parser, config, args, "rmr1 distill")  # a plan that cannot fit ends here, before any worker
     out = Path(config.trainer.output_dir).expanduser().resolve()
     # --resume with no checkpoint yet starts afresh, so a preemptible job can always be launched with it.
     existing = latest_checkpoint(out)
@@ -254,8 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     save_resolved(config, out)
 
     tokenizer = load_tokenizer(config.model.tokenizer, config.model.trust_remote_code)
-    train, train_stats = tokenize_split(config.data.train_path, tokenizer, config.data.max_length)
-    val, val_stats = tokenize_split(config.data.val_path, tokenizer, config.data.max_length) if config.data.val_path else ([], None)
+    splits = {"train": config.data.train_path, "val": config.data.val_path}
+    tokenized = {}
+    for split, path in splits.items():
+        try:
+            tokenized[split] = tokenize_split(path, tokenizer, config.data.max_length) if path else ([], None)
+        except (FileNotFoundError, pa.ArrowInvalid) as exc:  # a missing path, or not SFT parquet
+            reason = "does not exist" if isinstance(exc, FileNotFoundError) else str(exc)
+            parser.exit(2, f"rmr1 distill: data.{split}_path={path}: {reason}\n")
+    (train, train_stats), (val, val_stats) = tokenized["train"], tokenized["val"]
     (out / "data_stats.json").write_text(json.dumps({"train": train_stats, "val": val_stats}, indent=2) + "\n")
     print(f"rmr1 distill: train {json.dumps(train_stats)}\n  val {json.dumps(val_stats)}", flush=True)
     if len(train) < config.trainer.global_batch_size:

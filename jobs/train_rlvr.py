@@ -13,6 +13,14 @@ One step, as data. The driver holds ObjectRefs; batches move between groups thro
     rank shares       -> learner.update            -> metrics (PPO mini-batches, clip, KL loss)
     learner           -> rollout workers           weights (rollout.weight_sync: object store or collective)
 
+The reference (algorithm.use_kl_loss) is a group of its own, one whole unsharded model per worker, by
+default. With reference.on_learner the learner ranks hold it instead, ZeRO-3-sharded like the policy (as
+verl does): no reference group and no GPUs of its own; in bf16, 2 bytes x params / ranks on each rank
+instead of a whole model per GPU (a 32B judge's reference fits no single GPU); learner.compute_log_probs
+returns the ref log-probs with the old ones, from the same shares (time/old_log_prob then covers both):
+
+    samples' shares   -> learner.compute_log_probs -> old and ref log-probs
+
 Every trainer.eval_every steps (and at the end) the rollout workers judge data.val_path and the
 `evaluation` benchmarks greedily with the just-synced weights; the scores are logged with the step.
 
@@ -36,6 +44,7 @@ from actors.learner import PolicyLearner
 from actors.reference import ReferenceModel
 from actors.rewarder import VerdictRewarder
 from actors.rollout import RolloutWorker
+from jobs.plan import add_plan_option, check_memory
 from rmr1_ray.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -70,6 +79,7 @@ def build_parser():
         "rmr1 train --config configs/tiny-cpu/train.yaml trainer.total_steps=3",
     )
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in trainer.output_dir")
+    add_plan_option(parser)
     return parser
 
 
@@ -96,6 +106,7 @@ def print_evaluation(metrics: dict, step: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     config, args = parse_job_config(parser, TrainConfig, argv)
+    check_memory(parser, config, args, "rmr1 train")  # a plan that cannot fit ends here, before any actor
     trainer = config.trainer
     out = Path(trainer.output_dir)
 
@@ -153,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"actor groups up in {time.perf_counter() - start:.1f} s: "
               + ", ".join(f"{name} {g.num_workers} worker(s) on node(s) {','.join(n[:12] for n in nodes[name])}"
                           for name, g in groups.items())
-              + f"; policy has {infos[0]['num_params']:,} parameters", flush=True)
+              + f"; policy has {infos[0]['num_params']:,} parameters"
+              + ("; the learner ranks hold the reference" if config.reference.on_learner else ""), flush=True)
 
         weights = WeightSync(learner, rollout, config.rollout.weight_sync, "nccl" if config.cluster.device == "gpu" else "gloo",
                              config.rollout.weight_sync_bucket_mb * 2**20)
@@ -196,9 +208,14 @@ def main(argv: list[str] | None = None) -> int:
             if reference is not None:
                 batches_of = [samples[i :: reference.num_workers] for i in range(reference.num_workers)]
                 ref_refs = reference.dispatch("compute_log_probs", [b for b in batches_of if b]).refs
-            old_refs = learner.call_each("compute_log_probs", [(own, "old_log_probs") for own in shares])
-            times.update(wait_timed(stage_start, {"reward": [refs[-1] for refs in reward_calls.refs],
-                                                  "reference": ref_refs, "old_log_prob": old_refs}))
+            ref_on_learner = config.reference.on_learner  # (the config allows it only with the KL loss)
+            old_refs = learner.call_each("compute_log_probs", [(own, ref_on_learner) for own in shares])
+            stages = {"reward": [refs[-1] for refs in reward_calls.refs], "old_log_prob": old_refs}
+            if ref_on_learner:
+                ref_refs = old_refs  # each piece holds ref_log_probs next to old_log_probs
+            else:
+                stages["reference"] = ref_refs
+            times.update(wait_timed(stage_start, stages))
             retry_start = time.perf_counter()
             rewards, scored = rewarder.collect(reward_calls)  # re-runs the work of a rewarder that died
             rewards = [first for first, in rewards]

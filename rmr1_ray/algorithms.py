@@ -11,10 +11,11 @@ Without them (the defaults) the loss is the plain local aggregate.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 from verl.trainer.ppo import core_algos
 from verl.utils import torch_functional as verl_F
 from verl.workers.config.actor import ActorConfig
@@ -106,13 +107,8 @@ def kl_loss(
     )
 
 
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's distribution: [B, R, V] -> [B, R]."""
-    return verl_F.entropy_from_logits(logits)
-
-
 def entropy_loss(
-    logits: torch.Tensor,
+    entropy: torch.Tensor,
     response_mask: torch.Tensor,
     loss_agg_mode: str = "token-mean",
     *,
@@ -120,29 +116,79 @@ def entropy_loss(
     batch_num_tokens: float | None = None,
     global_batch_size: float | None = None,
 ) -> torch.Tensor:
-    """Aggregated entropy of the policy at the response positions (subtract coef * this from the loss)."""
+    """Aggregated entropy of the policy at the response positions, from the per-token entropies
+    [B, R] of `response_token_stats` (subtract coef * this from the loss)."""
     return core_algos.agg_loss(
-        token_entropy(logits),
-        response_mask,
-        loss_agg_mode,
-        **_global_info(dp_size, batch_num_tokens, global_batch_size),
+        entropy, response_mask, loss_agg_mode, **_global_info(dp_size, batch_num_tokens, global_batch_size)
     )
 
 
-def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature)[labels]: [B, R, V], [B, R] -> [B, R] float32.
+# fp32 bytes of logits upcast at once by `response_token_stats`: the only knob of its memory (the
+# memory planner reads it). A chunk's fp32 temporaries peak at a few times this (measured on CPU:
+# ~1x forward / ~4.5x backward for log-probs alone, ~3.5x / ~8x with the entropy as a loss term).
+LOG_PROB_CHUNK_BYTES = 128 * 2**20
 
-    Divides `logits` IN PLACE by the temperature (no second [B, R, V] copy; callers reuse the
-    scaled logits for the entropy, as verl does). verl's log-prob kernel loops over rows (or uses
-    flash-attn's fused cross-entropy on GPU) instead of materialising a full log-softmax.
+# What `response_token_stats` does with the entropy: skip it, a metric (no gradient), or a loss term.
+EntropyMode = Literal["none", "metric", "loss"]
+
+
+def log_prob_chunk_positions(batch_size: int, vocab_size: int) -> int:
+    """Response positions per chunk: LOG_PROB_CHUNK_BYTES of fp32 logits, at least one position."""
+    return max(1, LOG_PROB_CHUNK_BYTES // (batch_size * vocab_size * 4))
+
+
+def _chunk_token_stats(
+    logits: torch.Tensor, labels: torch.Tensor, entropy: EntropyMode
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of one chunk [b, c, V] -> [b, c] fp32, from one fp32 upcast
+    (half-precision log-softmax loses ~2 digits)."""
+    fp32 = logits.float()
+    # inplace_backward=False: verl's flash-attn cross-entropy (its GPU path) would otherwise write its
+    # gradient into `fp32`, which the entropy's backward may still read.
+    log_probs = verl_F.logprobs_from_logits(fp32, labels, inplace_backward=False)
+    if entropy == "none":
+        return log_probs, None
+    # Last, so a checkpoint recompute stops before a metric-only entropy (nothing it needs comes after).
+    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy == "loss"):
+        return log_probs, verl_F.entropy_from_logits(fp32)
+
+
+def _checkpointed_chunk_stats(
+    logits: torch.Tensor, labels: torch.Tensor, entropy: EntropyMode
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_chunk_token_stats` whose backward recomputes its fp32 upcast instead of keeping it."""
+    # No RNG is drawn, so there is no RNG state to restore for the recompute.
+    return checkpoint(
+        _chunk_token_stats, logits, labels, entropy, use_reentrant=False, preserve_rng_state=False
+    )
+
+
+def response_token_stats(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, entropy: EntropyMode = "none"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(logits / temperature)[labels] and, unless entropy="none", the entropy of each
+    position's distribution: [B, R, V], [B, R] -> ([B, R], [B, R] or None), float32.
+
+    Divides `logits` IN PLACE by the temperature (no second [B, R, V] copy). Walks the positions in
+    chunks of LOG_PROB_CHUNK_BYTES of fp32, so fp32 [B, R, V] never exists: under autograd each chunk
+    is checkpointed, and its backward recomputes the fp32 upcast instead of keeping it (only views of
+    `logits` and the [B, c] results are kept).
+    The chunking is ours: verl's chunked helpers do not fit. `entropy_from_logits_with_chunking` keeps
+    every fp32 chunk for backward, and `FusedLinearForPPO` takes the hidden states and the LM-head
+    weight (partitioned under ZeRO-3), not logits. verl's per-chunk maths is used as is.
     """
     if temperature != 1.0:
         logits.div_(temperature)
-    if logits.dtype == torch.float32:
-        return verl_F.logprobs_from_logits(logits, labels)
-    # Half-precision log-softmax loses ~2 digits; upcast one row at a time to bound the extra memory.
-    rows = [verl_F.logprobs_from_logits(row.float(), lab) for row, lab in zip(logits, labels, strict=True)]
-    return torch.stack(rows)
+    size = log_prob_chunk_positions(logits.shape[0], logits.shape[-1])
+    tracked = torch.is_grad_enabled() and logits.requires_grad
+    stats_of = _checkpointed_chunk_stats if tracked else _chunk_token_stats
+    # split, not slicing: its backward joins the chunk gradients once, where each slice's backward
+    # would add a zero-filled [B, R, V] gradient.
+    chunks = zip(logits.split(size, dim=1), labels.split(size, dim=1), strict=True)
+    stats = [stats_of(chunk, chunk_labels, entropy) for chunk, chunk_labels in chunks]
+    log_probs = torch.cat([lp for lp, _ in stats], dim=1)
+    entropies = None if entropy == "none" else torch.cat([ent for _, ent in stats], dim=1)
+    return log_probs, entropies
 
 
 def response_logits(model: Any, batch: Any, response_length: int) -> torch.Tensor:
@@ -173,8 +219,8 @@ def response_log_probs(
     for micro in batch.split(micro_batch_size):
         data = micro.batch.to(device)
         logits = response_logits(model, data, width)
-        log_probs = token_log_probs(logits, data["responses"], temperature) * data["response_mask"]
-        outs.append(log_probs.float().cpu())
+        log_probs, _ = response_token_stats(logits, data["responses"], temperature)
+        outs.append((log_probs * data["response_mask"]).cpu())
     return torch.cat(outs)
 
 

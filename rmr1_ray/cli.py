@@ -11,6 +11,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "make-tiny": ("make_tiny", "build a tiny offline Qwen2 model + BPE tokenizer (tests, demo)"),
     "prepare": ("prepare_data", "Ray Data: preference datasets -> judge prompts (parquet) and SFT rows"),
     "chains": ("generate_chains", "two-pass reasoning-chain generation with an OpenAI-compatible teacher"),
+    "plan": ("plan", "memory plan of a train/distill config: peak memory per GPU of every group, offline"),
     "distill": ("distill", "SFT on chains: Ray Train + DeepSpeed ZeRO-3"),
     "train": ("train_rlvr", "GRPO with verifiable rewards: rollout/learner/reference/rewarder actor groups"),
     "eval": ("evaluate", "RewardBench / RM-Bench / RMB evaluation"),

@@ -6,6 +6,7 @@ Separate placement (default): one placement group per actor group, one bundle pe
 Colocated (`cluster.colocate`): learner, reference and rollout share one placement group; bundle i
 holds worker i of each of them, so its resources are the sum of theirs (fractional GPUs, e.g. 0.6 for
 the learner, 0.3 for vLLM, 0.1 for the reference).
+With `reference.on_learner` the learner ranks hold the reference and there is no reference group.
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ def _resources(num_cpus: float, num_gpus: float, custom: dict[str, float]) -> di
 
 
 def group_specs(config: TrainConfig) -> list[GroupSpec]:
-    """The actor groups a GRPO run starts (no reference model when the KL loss is off)."""
+    """The actor groups a GRPO run starts: no reference group when the KL loss is off (no reference model)
+    or when the learner ranks hold the reference (reference.on_learner)."""
     groups = {"learner": config.learner.group, "reference": config.reference.group,
               "rollout": config.rollout.group, "rewarder": config.reward.group}
-    if not config.algorithm.use_kl_loss:
+    if not config.algorithm.use_kl_loss or config.reference.on_learner:
         del groups["reference"]
     specs = []
     for name, g in groups.items():

@@ -2,9 +2,10 @@
 
 The pieces come from different actor groups, each in its own order and padding: rollout batches (one
 per rollout worker), rewards (one per rollout batch), reference and old log-probs (one slice per
-worker or rank). Every piece carries `data_index`, the sample's place in the step batch, and the join
-checks that each key covers every sample exactly once: a sample lost or counted twice (say, by a
-retried rollout) is an error here, not a silent bias in the update.
+worker or rank; when the learner ranks hold the reference, the same slices carry both). Every piece
+carries `data_index`, the sample's place in the step batch, and the join checks that each key covers
+every sample exactly once: a sample lost or counted twice (say, by a retried rollout) is an error here,
+not a silent bias in the update.
 
 The driver has a rewarder worker run it, so the tensors never pass through the driver.
 """

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from rmr1_ray.prompts import PreferencePair, PromptFormat, position_for, render_pair
+from rmr1_ray.prompts import PreferencePair, PromptFormat, balanced_positions, position_for, render_pair
 
 # Every check is sized for a tiny model trained for minutes on a CPU: each one generalises from a
 # small table the model can learn (digit order, digit successor, place value, a word order), so
@@ -154,3 +154,22 @@ def write_task_files(out_dir: str | Path, num_questions: int, test_fraction: flo
                     "rejected": item.wrong} for i, item in enumerate(test)]
     paths["test"].write_text(json.dumps(rewardbench))
     return paths
+
+
+def write_prompt_rows(path: str | Path, count: int, seed: int = 0, fmt: str = "distilled") -> list[dict]:
+    """A judge-prompt parquet like `rmr1 prepare`'s OUT/train (uid, messages, winner, source) from the
+    synthetic task; returns the rows with their JudgingItem under "item" (not written)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    items = list(generate_items(count, seed))
+    uids = [f"syn-{seed}-{i:04d}" for i in range(count)]
+    rows = []
+    for uid, item, position in zip(uids, items, balanced_positions(uids, seed), strict=True):
+        pair = PreferencePair(context=({"role": "user", "content": item.question},), chosen=item.correct,
+                              rejected=item.wrong)
+        messages, winner = render_pair(pair, position, fmt)
+        rows.append({"uid": uid, "messages": messages, "winner": winner, "source": "synthetic", "item": item})
+    table = pa.Table.from_pylist([{k: v for k, v in row.items() if k != "item"} for row in rows])
+    pq.write_table(table, path)
+    return rows

@@ -2,7 +2,8 @@
 (actors/learner.py). DeepSpeed does the sharding, the optimizer step and the checkpoints; this module
 holds what both trainers build around it in the same way: joining the process group, the engine
 config, a model that is sharded while it loads, the optimizer, and full weights gathered from the
-shards for export.
+shards for export. It also builds the GRPO learner's frozen reference model when the learner ranks hold
+it (reference.on_learner): a second ZeRO-3 engine, sharded alike, with no optimizer.
 
 Both trainers' settings (SftTrainerConfig, LearnerConfig) have the fields `ZeroSettings` names.
 """
@@ -32,6 +33,8 @@ class ZeroSettings(Protocol):
     micro_batch_size: int
     offload_optimizer: bool
     offload_params: bool
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Any: ...  # pydantic's
 
 
 def init_distributed(gpu: bool, rendezvous: Rendezvous, rank: int, world_size: int, local_rank: int) -> None:
@@ -73,11 +76,20 @@ def engine_config(settings: ZeroSettings, dtype: str, gradient_accumulation_step
     }
 
 
-def build_engine(model_config: ModelConfig, settings: ZeroSettings, ds_config: dict, device: torch.device,
-                 lr_lambda: Callable[[int], float]) -> Any:
-    """The model, sharded as it loads (ZeRO-3), with AdamW and a LambdaLR schedule, as a DeepSpeed engine.
-    `lr_lambda` maps DeepSpeed's optimizer-step count to a multiplier of settings.lr."""
-    import deepspeed
+def inference_config(settings: ZeroSettings, micro_batch_size: int, dtype: str, world_size: int, gpu: bool) -> dict:
+    """DeepSpeed's config of a frozen model sharded like the trained one (`settings`, which must be ZeRO-3):
+    the same rules as engine_config, with `micro_batch_size` sequences per forward and nothing of an
+    optimizer (no optimizer state, so no optimizer offload; parameters offload as the trained model's)."""
+    if settings.zero_stage != 3:
+        raise ValueError(f"a frozen model is sharded with ZeRO-3 only (got zero_stage={settings.zero_stage})")
+    frozen = settings.model_copy(update={"micro_batch_size": micro_batch_size, "offload_optimizer": False})
+    return engine_config(frozen, dtype, 1, world_size, gpu)
+
+
+def load_sharded(model_config: ModelConfig, ds_config: dict, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """ALL ranks call. The HF model of `model_config`; with ZeRO-3 in `ds_config` it is built under zero.Init,
+    so each rank materialises only its shard while the checkpoint loads. -> (model, the HfDeepSpeedConfig
+    to keep alive as long as the model: tie it to the engine; None below ZeRO-3)."""
     import torch._dynamo  # noqa: F401 - must be imported before zero.Init patches module construction
     from transformers import AutoConfig
     from transformers.integrations import HfDeepSpeedConfig
@@ -90,10 +102,22 @@ def build_engine(model_config: ModelConfig, settings: ZeroSettings, ds_config: d
     if type(hf_config) in MODEL_FOR_CAUSAL_LM_MAPPING:
         MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
     # While this object lives, from_pretrained builds the model under zero.Init (each rank holds only
-    # its shard) and loads the checkpoint into the shards. transformers keeps only a weak reference.
-    keep_alive = HfDeepSpeedConfig(ds_config) if settings.zero_stage == 3 else None
+    # its shard) and loads the checkpoint into the shards. transformers keeps only a weak reference, to
+    # the latest one made (the learner's policy and reference are both ZeRO-3: the same answer to
+    # transformers' is_deepspeed_zero3_enabled, which is all it asks after loading).
+    keep_alive = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
     model = load_causal_lm(m.path, m.dtype, m.trust_remote_code, m.attn_implementation, str(device))
-    if m.gradient_checkpointing:
+    return model, keep_alive
+
+
+def build_engine(model_config: ModelConfig, settings: ZeroSettings, ds_config: dict, device: torch.device,
+                 lr_lambda: Callable[[int], float]) -> Any:
+    """The model, sharded as it loads (ZeRO-3), with AdamW and a LambdaLR schedule, as a DeepSpeed engine.
+    `lr_lambda` maps DeepSpeed's optimizer-step count to a multiplier of settings.lr."""
+    import deepspeed
+
+    model, keep_alive = load_sharded(model_config, ds_config, device)
+    if model_config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     engine, *_ = deepspeed.initialize(
@@ -103,6 +127,23 @@ def build_engine(model_config: ModelConfig, settings: ZeroSettings, ds_config: d
         config=ds_config,
         dist_init_required=False,
     )
+    engine.hf_ds_config = keep_alive  # tied to the engine's lifetime
+    return engine
+
+
+def inference_engine(model_config: ModelConfig, ds_config: dict, device: torch.device) -> Any:
+    """ALL ranks call. A frozen model (no gradients, eval mode) as a DeepSpeed ZeRO-3 engine without an
+    optimizer (`ds_config` from inference_config): DeepSpeed then sets up only the parameter
+    partitioning and its gather/release hooks around each forward (DeepSpeedZeRoOffload), so a rank
+    holds its shard of the weights and nothing else. Every forward is collective: all ranks run the same
+    number. The learner's reference model (reference.on_learner)."""
+    import deepspeed
+
+    model, keep_alive = load_sharded(model_config, ds_config, device)
+    model.requires_grad_(False)
+    model.eval()
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False)
+    engine.eval()
     engine.hf_ds_config = keep_alive  # tied to the engine's lifetime
     return engine
 

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from rmr1_ray.process_group import free_port
+from rmr1_ray.synthetic import write_prompt_rows  # noqa: F401 - tests import it from here
 
 # handler(n, body) -> (status, JSON body, headers); n counts chat requests from 1 in arrival order.
 Handler = Callable[[int, dict], Awaitable[tuple[int, dict, dict[str, str]]]]
@@ -167,25 +168,3 @@ def _stop_group(process: subprocess.Popen, grace_s: float = 30) -> None:
 
 def _tail(path: str | Path, chars: int = 4000) -> str:
     return Path(path).read_text(errors="replace")[-chars:]
-
-
-def write_prompt_rows(path: str | Path, count: int, seed: int = 0, fmt: str = "distilled") -> list[dict]:
-    """A judge-prompt parquet like `rmr1 prepare`'s OUT/train (uid, messages, winner, source) from the
-    synthetic task; returns the rows with their JudgingItem under "item" (not written)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from rmr1_ray.prompts import PreferencePair, balanced_positions, render_pair
-    from rmr1_ray.synthetic import generate_items
-
-    items = list(generate_items(count, seed))
-    uids = [f"syn-{seed}-{i:04d}" for i in range(count)]
-    rows = []
-    for uid, item, position in zip(uids, items, balanced_positions(uids, seed), strict=True):
-        pair = PreferencePair(context=({"role": "user", "content": item.question},), chosen=item.correct,
-                              rejected=item.wrong)
-        messages, winner = render_pair(pair, position, fmt)
-        rows.append({"uid": uid, "messages": messages, "winner": winner, "source": "synthetic", "item": item})
-    table = pa.Table.from_pylist([{k: v for k, v in row.items() if k != "item"} for row in rows])
-    pq.write_table(table, path)
-    return rows

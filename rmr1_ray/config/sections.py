@@ -58,6 +58,8 @@ class ClusterConfig(Strict):
     colocate: bool = Field(False, description="learner, reference and rollout share GPUs (one placement group)")
     wait_for_resources_s: float = Field(0.0, ge=0, description="how long to wait for an autoscaler to add nodes")
     omp_num_threads: int = Field(1, ge=1, description="OMP/torch threads per actor")
+    gpu_memory_gib: float = Field(80.0, gt=0, description="memory of one GPU of the cluster's GPU nodes: what the "
+                                  "memory plan checks every group's peak per GPU against (cluster.device=gpu)")
 
 
 class TrackingConfig(Strict):

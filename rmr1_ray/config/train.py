@@ -71,8 +71,30 @@ class LearnerConfig(Strict):
 
 
 class ReferenceConfig(Strict):
-    group: GroupConfig = GroupConfig()
-    micro_batch_size: int = Field(4, ge=1)
+    """The frozen reference model (the starting policy, model.path) whose log-probs anchor the KL loss;
+    used only with algorithm.use_kl_loss. It lives either in its own actor group (`group`, one whole
+    unsharded model per worker) or, with `on_learner`, on the learner ranks as a second DeepSpeed
+    ZeRO-3 model sharded like the policy (bf16: 2 bytes x params / ranks per GPU instead of a whole model
+    per GPU, which is what lets a 32B judge's reference fit at all; and no GPUs of its own)."""
+
+    group: GroupConfig = Field(
+        GroupConfig(), description="the reference actor group; must stay at its defaults with on_learner=true")
+    micro_batch_size: int = Field(
+        4, ge=1, description="sequences per reference forward: per worker of the reference group, or per learner "
+        "rank with on_learner=true")
+    on_learner: bool = Field(
+        False, description="hold the reference on the learner ranks, ZeRO-3-sharded like the policy (no "
+        "optimizer), instead of in its own actor group; needs learner.zero_stage=3")
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> ReferenceConfig:
+        if self.on_learner and self.group != GroupConfig():
+            raise ValueError(
+                "reference.on_learner=true puts the reference on the learner ranks, so there is no reference "
+                f"group: remove reference.group (it is set to {self.group.model_dump(exclude_defaults=True)}), e.g. "
+                "with the override reference.group={}"
+            )
+        return self
 
 
 class RewardConfig(Strict):
@@ -177,11 +199,22 @@ class TrainConfig(Strict):
                 "set data.val_path or evaluation.benchmarks"
             )
         self._reject_untested_paths()
+        self._reference_on_learner_fits()
         if self.learner.lr_warmup_steps > self.trainer.total_steps:
             raise ValueError(
                 f"learner.lr_warmup_steps={self.learner.lr_warmup_steps} exceeds trainer.total_steps={self.trainer.total_steps}"
             )
         return self
+
+    def _reference_on_learner_fits(self) -> None:
+        if not self.reference.on_learner:
+            return
+        if not self.algorithm.use_kl_loss:
+            raise ValueError("reference.on_learner=true but algorithm.use_kl_loss=false: without the KL loss there is "
+                             "no reference model to place; remove reference.on_learner")
+        if self.learner.zero_stage != 3:
+            raise ValueError(f"reference.on_learner=true shards the reference with ZeRO-3 over the learner ranks, "
+                             f"which needs learner.zero_stage=3 (got {self.learner.zero_stage})")
 
     def _reject_untested_paths(self) -> None:
         rollout, gpu = self.rollout, self.cluster.device == "gpu"

@@ -1,7 +1,8 @@
 """PolicyLearner (2 DeepSpeed ZeRO-3 ranks over gloo) and ReferenceModel on a local Ray cluster.
 
 Checked against plain single-process torch: log-probs, one GRPO update (loss, grad norm, new weights),
-the gathered state dict, and checkpoint/resume determinism.
+the gathered state dict, and checkpoint/resume determinism. And the reference held by the learner
+ranks (reference.on_learner): sharded, frozen through updates and resumes, equal to the reference group.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from verl.utils import torch_functional as verl_F
 
 from actors.learner import PolicyLearner
 from actors.reference import ReferenceModel
@@ -35,9 +37,9 @@ ENV = {
 }
 
 
-def make_learner_group(config: dict) -> tuple[list, list[dict]]:
+def make_learner_group(config: dict, num_cpus: float = 1) -> tuple[list, list[dict]]:
     """What the driver's ActorGroup does, minus placement groups."""
-    remote = ray.remote(num_cpus=1)(PolicyLearner).options(runtime_env={"env_vars": ENV})
+    remote = ray.remote(num_cpus=num_cpus)(PolicyLearner).options(runtime_env={"env_vars": ENV})
     ranks = [remote.remote(config, rank, WORLD) for rank in range(WORLD)]
     addr, port = ray.get(ranks[0].get_master_addr_port.remote())
     infos = ray.get([r.setup.remote(addr, port) for r in ranks])
@@ -218,13 +220,14 @@ def test_update_matches_single_process_replica(group, reference, config):
     steps = []
     for _ in range(a["ppo_epochs"]):
         optimizer.zero_grad()
-        logits = algo.response_logits(model, data, mask.shape[1])
-        log_probs = algo.token_log_probs(logits, data["responses"], TEMPERATURE)
+        # verl's unchunked maths on the whole [b, R, V] tensor: the learner computes the same in chunks
+        logits = algo.response_logits(model, data, mask.shape[1]) / TEMPERATURE
+        log_probs = verl_F.logprobs_from_logits(logits, data["responses"])
         pg_loss, pg_metrics = algo.policy_loss(
             data["old_log_probs"], log_probs, data["advantages"], mask, a["clip_ratio"]
         )
         kl = algo.kl_loss(log_probs, data["ref_log_probs"], mask, a["kl_loss_type"])
-        entropy = algo.entropy_loss(logits, mask)
+        entropy = algo.entropy_loss(verl_F.entropy_from_logits(logits), mask)
         (pg_loss + a["kl_loss_coef"] * kl - a["entropy_coeff"] * entropy).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), learner["grad_clip"])
         optimizer.step()
@@ -276,6 +279,66 @@ def test_checkpoint_resume_is_deterministic(group, reference, config, tmp_path):
         assert metrics == pytest.approx(expected_metrics, rel=1e-6, abs=1e-9)
         assert metrics["actor/lr"] < LR  # the cosine schedule resumed past step 0
         assert_states_equal(gathered(resumed), expected_state, atol=1e-7)
+    finally:
+        for r in resumed:
+            ray.kill(r)
+
+
+# --- the reference on the learner ranks (reference.on_learner) ----------------------------------------
+
+
+def reference_state(rank) -> dict:
+    """What rank `rank` holds of its reference engine."""
+
+    def read(learner) -> dict:
+        params = list(learner.reference.module.parameters())
+        return {"shard": sum(p.ds_tensor.numel() for p in params), "full": sum(p.ds_numel for p in params),
+                "trainable": any(p.requires_grad for p in params), "training": learner.reference.module.training,
+                "optimizer": type(learner.reference.optimizer).__name__}
+
+    return ray.get(rank.__ray_call__.remote(read))
+
+
+def test_reference_on_learner_is_sharded_frozen_and_equals_the_reference_group(config, reference, tmp_path):
+    """2 ranks holding the reference next to the policy: ref log-probs of the same rows as the reference
+    group's, which neither an update nor a resume from a checkpoint moves."""
+    on_learner = TrainConfig.model_validate({**config, "reference": {**config["reference"], "on_learner": True}})
+    # num_cpus=0: the module's own learner group and reference may still hold the cluster's CPUs
+    ranks, _ = make_learner_group(on_learner.model_dump(), num_cpus=0)
+    try:
+        states = [reference_state(r) for r in ranks]
+        full = sum(p.numel() for p in load_causal_lm(config["model"]["path"]).parameters())
+        for state in states:  # each rank holds half of the weights (ZeRO-3 pads a partition by a few elements)
+            assert state["full"] == full and full / 2 <= state["shard"] < full / 2 + 64
+            assert (state["trainable"], state["training"], state["optimizer"]) == (False, False, "DeepSpeedZeRoOffload")
+
+        batch = hand_batch(seed=4)
+        mask = batch.batch["response_mask"].bool()
+        first = concat(per_rank(ranks, "compute_log_probs", batch, LOG_PROB_KEYS, True))
+        group_ref = ray.get(reference.compute_log_probs.remote([ray.put(batch)])).batch["ref_log_probs"]
+        # reference.micro_batch_size=3 here vs 4 rows in the group: other micro-batches, the same numbers
+        torch.testing.assert_close(first.batch["ref_log_probs"], group_ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(first.batch["old_log_probs"], first.batch["ref_log_probs"], rtol=0, atol=1e-6)
+        assert torch.all(first.batch["ref_log_probs"][~mask] == 0)
+
+        training = training_batch(batch, ranks, reference, rewards=[1.0, -1.0, -1.0, 1.0])
+        per_rank(ranks, "update", training, UPDATE_KEYS)
+        on_all(ranks, "save_checkpoint", str(tmp_path / "ckpt"))
+        updated = concat(per_rank(ranks, "compute_log_probs", batch, LOG_PROB_KEYS, True))
+        assert torch.equal(updated.batch["ref_log_probs"], first.batch["ref_log_probs"])  # frozen
+        moved = (updated.batch["old_log_probs"] - first.batch["old_log_probs"])[mask].abs().max().item()
+        assert moved > 1e-3  # ...while the policy moved
+    finally:
+        for r in ranks:
+            ray.kill(r)
+
+    # A resumed group: the policy from the checkpoint, the reference still the starting model.
+    resumed, _ = make_learner_group(on_learner.model_dump(), num_cpus=0)
+    try:
+        on_all(resumed, "load_checkpoint", str(tmp_path / "ckpt"))
+        again = concat(per_rank(resumed, "compute_log_probs", batch, LOG_PROB_KEYS, True))
+        assert torch.equal(again.batch["ref_log_probs"], first.batch["ref_log_probs"])
+        torch.testing.assert_close(again.batch["old_log_probs"], updated.batch["old_log_probs"], rtol=0, atol=1e-6)
     finally:
         for r in resumed:
             ray.kill(r)

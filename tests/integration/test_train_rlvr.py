@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import yaml
 from safetensors.torch import load_file
 from servers import write_prompt_rows
 
@@ -80,18 +81,27 @@ def metrics(out: Path) -> dict[int, dict]:
     return {row["step"]: row for row in map(json.loads, lines)}
 
 
-def kill_rollout_after_first_step(out: Path) -> threading.Thread:
-    """Kill the rollout worker (by its actor name) as soon as step 1 is logged: step 2 then finds it dead."""
+def after_first_step(out: Path, action) -> threading.Thread:
+    """Run `action()` in a thread as soon as the run writing to `out` has logged step 1."""
 
     def watch() -> None:
         while not (out / "metrics.jsonl").exists() or 1 not in metrics(out):
             time.sleep(0.05)
-        [name] = [n for n in ray.util.list_named_actors() if n.endswith("-rollout-0")]
-        ray.kill(ray.get_actor(name), no_restart=True)
+        action()
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+def kill_rollout_after_first_step(out: Path) -> threading.Thread:
+    """Kill the rollout worker (by its actor name) as soon as step 1 is logged: step 2 then finds it dead."""
+
+    def kill() -> None:
+        [name] = [n for n in ray.util.list_named_actors() if n.endswith("-rollout-0")]
+        ray.kill(ray.get_actor(name), no_restart=True)
+
+    return after_first_step(out, kill)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +125,20 @@ def resumed(run, tiny, train_dir, val_dir, tmp_path_factory) -> Path:
     assert main(args(tiny, train_dir, out, "tracking.wandb_mode=disabled", f"data.val_path={val_dir}", *EVALUATION,
                      "--resume")) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def reference_on_learner(cluster, tiny, train_dir, tmp_path_factory) -> tuple[Path, list[str]]:
+    """2 steps with the reference held by the 2 learner ranks (reference.on_learner) -> (output dir, the
+    names of the actors alive during step 2)."""
+    out = tmp_path_factory.mktemp("on_learner")
+    alive: list[str] = []
+    watcher = after_first_step(out, lambda: alive.extend(ray.util.list_named_actors()))
+    assert main(args(tiny, train_dir, out, "tracking.wandb_mode=disabled", "trainer.total_steps=2",
+                     "tracking.samples_table_every=0", "learner.group.num_workers=2", "reference.on_learner=true",
+                     "reference.group={}")) == 0
+    watcher.join(timeout=5)
+    return out, alive
 
 
 def test_three_steps_train_the_policy(run, tiny):
@@ -195,3 +219,26 @@ def test_more_learner_ranks_than_cpus_fails_before_any_actor_starts(cluster, tin
     assert "the cluster has 2" in message
     assert len(ray.util.placement_group_table()) == placement_groups  # nothing was reserved...
     assert not [n for n in ray.util.list_named_actors() if "-learner-" in n]  # ...and no actor started
+
+
+def test_reference_on_the_learner_ranks(reference_on_learner):
+    out, alive = reference_on_learner
+    assert [n for n in alive if n.endswith("-learner-1")] and not [n for n in alive if "-reference-" in n]
+    logged = metrics(out)
+    assert sorted(logged) == [1, 2]
+    # Step 1: the policy is the starting model, so its old log-probs are the reference's.
+    assert logged[1]["policy/ref_logprob_diff_max"] < 1e-6
+    # Step 2: the policy has moved; the reference has not.
+    assert logged[2]["policy/ref_logprob_diff_max"] > 1e-3
+    assert logged[1]["actor/kl_loss"] >= 0 and logged[2]["actor/kl_loss"] > 0
+    assert "time/reference" not in logged[1] and logged[1]["time/old_log_prob"] > 0  # one call computes both
+    saved = yaml.safe_load((out / "config.resolved.yaml").read_text())
+    assert saved["reference"]["on_learner"] is True
+
+
+def test_reference_on_the_learner_ranks_trains_as_the_reference_group(run, reference_on_learner):
+    """The same data, seeds and starting weights: the same two steps as with the reference group."""
+    with_group, on_learner = metrics(run), metrics(reference_on_learner[0])
+    for step in (1, 2):
+        for key in DETERMINISTIC:
+            assert on_learner[step][key] == pytest.approx(with_group[step][key], rel=1e-4, abs=1e-6), (step, key)

@@ -146,3 +146,20 @@ def test_rollout_batches_must_split_over_learner_ranks(train_yaml):
         load_config(TrainConfig, train_yaml(), ["learner.group.num_workers=4", "learner.micro_batch_size=1",
                                                 "rollout.group.num_workers=8", "rollout.n_samples_per_prompt=2",
                                                 "algorithm.ppo_mini_batch_size=8"])
+
+
+def test_reference_on_learner_has_no_group_and_needs_the_kl_loss_and_zero3(train_yaml):
+    config = load_config(TrainConfig, train_yaml(), ["reference.on_learner=true", "reference.micro_batch_size=2"])
+    assert config.reference.on_learner and config.reference.micro_batch_size == 2
+    # a reference group's settings would be silently unused: rejected, naming the key and the way out
+    with pytest.raises(ConfigError, match=r"reference.on_learner=true puts the reference on the learner ranks.*"
+                                          r"remove reference.group \(it is set to \{'num_workers': 2\}\)"):
+        load_config(TrainConfig, train_yaml(), ["reference.on_learner=true", "reference.group.num_workers=2"])
+    yaml_group = train_yaml({"reference": {"group": {"num_cpus_per_worker": 0.25}}})
+    with pytest.raises(ConfigError, match="remove reference.group"):
+        load_config(TrainConfig, yaml_group, ["reference.on_learner=true"])
+    assert load_config(TrainConfig, yaml_group, ["reference.on_learner=true", "reference.group={}"]).reference.on_learner
+    with pytest.raises(ConfigError, match="reference.on_learner=true but algorithm.use_kl_loss=false"):
+        load_config(TrainConfig, train_yaml(), ["reference.on_learner=true", "algorithm.use_kl_loss=false"])
+    with pytest.raises(ConfigError, match="needs learner.zero_stage=3 \\(got 2\\)"):
+        load_config(TrainConfig, train_yaml(), ["reference.on_learner=true", "learner.zero_stage=2"])

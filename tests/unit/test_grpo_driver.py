@@ -14,10 +14,11 @@ import torch
 
 from rmr1_ray.batch import pad_and_assemble, with_data_index
 from rmr1_ray.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from rmr1_ray.config.train import TrainConfig
+from rmr1_ray.config.train import LearnerConfig, TrainConfig
 from rmr1_ray.data.prompt_batches import DataPosition, PromptBatches, read_prompt_table
 from rmr1_ray.placement import PlacementError, ensure_resources, find_shortfall, group_specs, plan_placement
 from rmr1_ray.step_batch import assemble
+from rmr1_ray.zero import engine_config, inference_config
 
 pytestmark = pytest.mark.unit
 
@@ -54,6 +55,26 @@ def test_colocated_bundles_hold_one_worker_of_each_colocated_group(tmp_path):
 def test_no_reference_group_without_the_kl_loss(tmp_path):
     config = train_config(tmp_path, algorithm={"train_batch_size": 8, "ppo_mini_batch_size": 8, "use_kl_loss": False})
     assert [s.name for s in group_specs(config)] == ["learner", "rollout", "rewarder"]
+
+
+def test_no_reference_group_when_the_learner_ranks_hold_it(tmp_path):
+    config = train_config(tmp_path, reference={"on_learner": True})
+    assert [s.name for s in group_specs(config)] == ["learner", "rollout", "rewarder"]
+    assert [p.name for p in plan_placement(group_specs(config), colocate=True)] == ["learner+rollout", "rewarder"]
+
+
+def test_reference_engine_config_is_zero3_sharded_like_the_policy_without_an_optimizer():
+    learner = LearnerConfig(micro_batch_size=2, offload_optimizer=True, offload_params=True)
+    policy = engine_config(learner, "bfloat16", 4, 8, gpu=True)
+    frozen = inference_config(learner, 3, "bfloat16", 8, gpu=True)
+    assert frozen["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False,
+                                           "offload_param": {"device": "cpu", "pin_memory": True}}
+    assert "offload_optimizer" in policy["zero_optimization"]
+    assert (frozen["train_micro_batch_size_per_gpu"], frozen["gradient_accumulation_steps"], frozen["train_batch_size"]) \
+        == (3, 1, 24)
+    assert frozen["bf16"] == {"enabled": True} and learner.micro_batch_size == 2  # the policy's settings stay
+    with pytest.raises(ValueError, match="ZeRO-3 only"):
+        inference_config(LearnerConfig(zero_stage=2), 3, "float32", 2, gpu=False)
 
 
 def test_shortfall_names_the_groups_and_what_is_missing(tmp_path):
@@ -149,6 +170,21 @@ def test_assemble_joins_pieces_by_data_index_and_normalises_per_group():
     assert adv[2] == pytest.approx(1 / np.std([1, -1], ddof=1), rel=1e-5) and adv[3] == pytest.approx(-adv[2])
     assert stats["rollout/logprob_diff_max"] == 0.0 and stats["policy/ref_logprob_diff_max"] == 1.0
     assert not batch.batch["advantages"][batch.batch["response_mask"] == 0].any()  # 0 on padding
+
+
+def test_assemble_takes_ref_and_old_log_probs_from_the_same_pieces():
+    """The learner ranks holding the reference return both keys in one piece per rank; the driver hands
+    the same pieces in as ref and old log-probs."""
+    first, second = rollout_batch([0, 1], lambda i: "p", [2, 1]), rollout_batch([2, 3], lambda i: "q", [1, 2])
+    rewards = [piece(b, "token_level_rewards", 0.0) for b in (first, second)]
+    both = []
+    for b, ref in ((second, -1.5), (first, -1.25)):
+        shape = b.batch["responses"].shape
+        both.append(with_data_index({"old_log_probs": torch.full(shape, -1.0), "ref_log_probs": torch.full(shape, ref)},
+                                    like=b))
+    batch, stats = assemble([first, second], rewards, both, both, norm_adv_by_std=True)
+    assert batch.batch["ref_log_probs"][:, 0].tolist() == [-1.25, -1.25, -1.5, -1.5]
+    assert stats["policy/ref_logprob_diff_max"] == 0.5 and stats["rollout/logprob_diff_max"] == 0.0
 
 
 def test_assemble_refuses_a_lost_or_repeated_sample():
