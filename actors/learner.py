@@ -256,7 +256,8 @@ class PolicyLearner:
         start = time.perf_counter()
         group = self.weight_group if self.rank == 0 else None
         try:
-            sent = send_weights(full_tensors(self.engine, self.rank), self.weight_layout(), group, bucket_bytes)
+            tensors = full_tensors(self.engine, self.rank, relay_above=bucket_bytes)
+            sent = send_weights(tensors, self.weight_layout(), group, bucket_bytes)
         except Exception:
             if group is not None:  # a receiver is gone: break the others' wait instead of leaving them hanging
                 group.close()

@@ -1,16 +1,17 @@
 """The memory plan (`rmr1 plan`) against what the GRPO job really uses, on this CPU machine.
 
-For each model size (a 135M model shaped like SmolLM2-135M and a ~500M model shaped like Qwen2.5-0.5B,
-random weights built on the spot, fp32) it runs one GRPO step of configs/tiny-cpu/train.yaml (2 DeepSpeed
-ZeRO-3 learner ranks over gloo, 1 hf rollout worker, 1 reference worker) on a local Ray cluster, samples
-the peak RSS (VmHWM) of every actor process while it runs, and prints it next to the plan's peak per
-worker for the same config, with the ratio. Prompt and response lengths are set so that the longest
-sequence of the step is the length the plan assumes (the plan always counts the maximum).
+For each case (a 135M model shaped like SmolLM2-135M in fp32, with and without gradient checkpointing,
+and a ~500M model shaped like Qwen2.5-0.5B in bf16 with checkpointing; random weights built on the spot)
+it runs one GRPO step of configs/tiny-cpu/train.yaml (2 DeepSpeed ZeRO-3 learner ranks over gloo, 1 hf
+rollout worker, 1 reference worker; 2 prompts x 2 samples) on a local Ray cluster, samples the peak RSS
+(VmHWM) of every actor process while it runs, and prints it next to the plan's peak per worker for the
+same config, with the ratio. Prompt and response lengths are set so that the longest sequence of the
+step is the length the plan assumes (the plan always counts the maximum).
 
 It also prints the RSS of an idle actor of each class (libraries imported, no model): the measurement
 behind memory_plan.CPU_RUNTIME_BYTES.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_memory_plan.py [--sizes 135m 500m] [--max-new-tokens 48]
+    OMP_NUM_THREADS=1 python benchmarks/bench_memory_plan.py [--cases 135m:float32 ...] [--max-new-tokens 48]
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from rmr1_ray.ray_utils import init_ray
 from rmr1_ray.synthetic import write_prompt_rows
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu" / "train.yaml")
+# The 500M model in fp32 would need more than this 23 GiB machine (its plan says so): bf16, checkpointed,
+# and the reference on the learner ranks (one process fewer).
+DEFAULT_CASES = ["135m:float32", "135m:float32:checkpointing", "500m:bfloat16:checkpointing:ref_on_learner"]
 ACTOR_GROUPS = {"PolicyLearner": "learner", "ReferenceModel": "reference", "RolloutWorker": "rollout"}
 
 
@@ -81,7 +85,7 @@ def vm_hwm_bytes(pid: int) -> int:
 def idle_actor_rss() -> dict[str, int]:
     """RSS of a fresh actor process once it has imported its class's module, before any model."""
 
-    @ray.remote(num_cpus=0)
+    @ray.remote(num_cpus=0, max_calls=1)  # a fresh worker process per call
     def rss_after_import(module: str) -> int:
         import importlib
 
@@ -89,29 +93,36 @@ def idle_actor_rss() -> dict[str, int]:
         return psutil.Process().memory_info().rss
 
     modules = {"learner": "actors.learner", "reference": "actors.reference", "rollout": "actors.rollout"}
-    return {group: ray.get(rss_after_import.options(max_calls=1).remote(module)) for group, module in modules.items()}
+    return {group: ray.get(rss_after_import.remote(module)) for group, module in modules.items()}
 
 
-def run_size(size: str, root: Path, max_new_tokens: int) -> list[tuple[str, int, int]]:
-    model = build_model(size, root)
-    data = root / f"data-{size}"
+def run_case(case: str, root: Path, max_new_tokens: int) -> list[tuple[str, int, int]]:
+    """One GRPO step for a case "SIZE:DTYPE[:checkpointing][:ref_on_learner]" -> (group, planned peak,
+    measured peak) rows."""
+    size, dtype, *flags = case.split(":")
+    model = build_model(size, root) if not (root / size).exists() else root / size
+    data = root / f"data-{case.replace(':', '-')}"
     data.mkdir()
-    rows = write_prompt_rows(data / "part-00000.parquet", 4, seed=0, fmt="instruct")
+    rows = write_prompt_rows(data / "part-00000.parquet", 2, seed=0, fmt="instruct")
     tokenizer = load_tokenizer(str(model))
     longest = max(map(len, chat_prompts_ids(tokenizer, [row["messages"] for row in rows])))
-    overrides = [f"model.path={model}", f"data.train_path={data}", f"data.max_prompt_length={longest}",
+    overrides = [f"model.path={model}", f"model.dtype={dtype}", f"model.gradient_checkpointing={'checkpointing' in flags}",
+                 *(["reference.on_learner=true", "reference.group={}"] if "ref_on_learner" in flags else []),
+                 f"data.train_path={data}", f"data.max_prompt_length={longest}",
                  f"rollout.max_new_tokens={max_new_tokens}", "trainer.total_steps=1",
-                 f"trainer.output_dir={root / f'run-{size}'}", "tracking.wandb_mode=disabled"]
+                 # 2 prompts x 2 samples: one micro-batch of 2 per learner rank, the size the plan is for
+                 "algorithm.train_batch_size=2", "algorithm.ppo_mini_batch_size=2", "rollout.n_samples_per_prompt=2",
+                 f"trainer.output_dir={data}-run", "tracking.wandb_mode=disabled"]
     plan = memory_plan(load_config(TrainConfig, CONFIG, overrides))
     with PeakSampler() as sampler:
         if train(["--config", CONFIG, *overrides]) != 0:
-            raise RuntimeError(f"the GRPO step on the {size} model failed")
+            raise RuntimeError(f"the GRPO step of {case} failed")
     return [(g.group, g.peak, sampler.peak(g.group)) for g in plan.groups]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["135m", "500m"], choices=["tiny", "135m", "500m"])
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="SIZE:DTYPE[:checkpointing][:ref_on_learner]")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
     init_ray("local", num_cpus=2)
@@ -121,11 +132,11 @@ def main() -> None:
         print(f"  {group:<10} measured {rss / GIB:.2f} GiB   plan {CPU_RUNTIME_BYTES[group] / GIB:.2f} GiB")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes:
-            results += [(size, *row) for row in run_size(size, Path(tmp), args.max_new_tokens)]
-    print(f"\n{'model':<6} {'group':<10} {'plan GiB':>9} {'measured GiB':>13} {'measured/plan':>14}")
-    for size, group, planned, measured in results:
-        print(f"{size:<6} {group:<10} {planned / GIB:9.2f} {measured / GIB:13.2f} {measured / planned:14.2f}")
+        for case in args.cases:
+            results += [(case, *row) for row in run_case(case, Path(tmp), args.max_new_tokens)]
+            print(f"\n{'case':<32} {'group':<10} {'plan GiB':>9} {'measured GiB':>13} {'measured/plan':>14}")
+            for name, group, planned, measured in results:
+                print(f"{name:<32} {group:<10} {planned / GIB:9.2f} {measured / GIB:13.2f} {measured / planned:14.2f}")
     ray.shutdown()
 
 

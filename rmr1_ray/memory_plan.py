@@ -32,8 +32,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GPU_RUNTIME_BYTES = 2 * GIB  # CUDA context, NCCL communicators, caching-allocator slack
 # Measured on this stack (benchmarks/bench_memory_plan.py): the RSS of an actor process once it has
 # imported what it runs (torch, transformers, DeepSpeed and verl for a learner), before any model.
-CPU_RUNTIME_BYTES = {"learner": int(0.9 * GIB), "sft": int(0.9 * GIB), "reference": int(0.7 * GIB),
-                     "rollout": int(0.7 * GIB)}
+CPU_RUNTIME_BYTES = {"learner": int(0.5 * GIB), "sft": int(0.5 * GIB), "reference": int(0.5 * GIB),
+                     "rollout": int(0.5 * GIB)}
 VLLM_CUDA_GRAPH_BYTES = 1 * GIB  # captured graphs' private pools when enforce_eager is false
 VLLM_MAX_NUM_SEQS = 256  # vLLM's default: the sampler's fp32 logits rows during its profile run
 # Peak fp32 temporaries of one log-prob chunk, in chunks (measured on CPU; see LOG_PROB_CHUNK_BYTES).
@@ -112,32 +112,43 @@ def zero_terms(arch: Architecture, dtype: str, stage: int, ranks: int, offload_o
     # gradients touch become resident.
     reduce_elements = zero.reduce_bucket_size if gpu else min(zero.reduce_bucket_size, params)
     buffers = (reduce_elements + (zero.prefetch_bucket_size if stage == 3 else 0)) * width
+    # ZeRO-3 releases gathered parameters only past max_live_parameters (DeepSpeed's estimator counts just
+    # the largest layer): up to that many full parameters are resident during forward and backward.
+    live = min(zero.max_live_parameters, params) * width if stage == 3 else 0
     more_ranks = "more ranks (" + ("learner.group.num_workers" if where == "learner" else "workers.num_workers") + ")"
     offload = "" if offload_optimizer else f", or {where}.offload_optimizer=true"
     return [
         Term(f"model states (ZeRO-{stage})", states, more_ranks + offload,
              f"{arch.num_params / 1e9:.2f}B params over {ranks} rank(s)"),
         Term("ZeRO buffers", buffers, "DeepSpeed's reduce_bucket_size", "gradient-reduce and prefetch buckets"),
+        *([Term("gathered parameters", live, "DeepSpeed's stage3_max_live_parameters",
+                f"up to {min(zero.max_live_parameters, params) / 1e9:.2f}B resident")] if live else []),
     ]
 
 
-def layer_activation_bytes(arch: Architecture, width: int) -> int:
-    """Bytes one decoder layer saves for backward per token, with flash/SDPA attention (no [L, L] scores).
+def layer_activation_bytes(arch: Architecture, width: int, sequences: int, length: int, gpu: bool) -> int:
+    """Bytes one decoder layer saves for backward, for `sequences` rows of `length` tokens.
 
     Attention: norm input, q/k/v input, q/k/v outputs and their rotated q/k, attention output, o_proj
     input. MLP: norm input, gate/up input, gate, up, act(gate), down input. In half precision the two
-    RMSNorms also keep an fp32 copy of their input.
+    RMSNorms also keep an fp32 copy of their input. On GPU flash attention keeps no [L, L] scores; on CPU
+    SDPA with a padding mask runs its math kernel, which keeps the attention weights of every head.
     """
     elements = 4 * arch.hidden + 3 * arch.q_dim + 3 * arch.kv_dim + 4 * arch.intermediate
-    return elements * width + (2 * arch.hidden * 4 if width == 2 else 0)
+    per_token = elements * width + (2 * arch.hidden * 4 if width == 2 else 0)
+    scores = 0 if gpu else sequences * arch.heads * length * length * width
+    return sequences * length * per_token + scores
 
 
-def training_activations(arch: Architecture, width: int, tokens: int, checkpointing: bool, micro_key: str) -> Term:
-    per_layer = layer_activation_bytes(arch, width) * tokens
+def training_activations(arch: Architecture, width: int, sequences: int, length: int, checkpointing: bool,
+                         gpu: bool, micro_key: str) -> Term:
+    """What a micro-batch's forward keeps for backward, plus backward's working set: the layer being
+    differentiated and the gradients of its activations (two more layers' worth)."""
+    layer, tokens = layer_activation_bytes(arch, width, sequences, length, gpu), sequences * length
     if checkpointing:  # each layer keeps its input; backward recomputes one layer at a time
-        total = arch.layers * tokens * arch.hidden * width + per_layer
+        total = arch.layers * tokens * arch.hidden * width + 3 * layer
         return Term("activations (checkpointed)", total, f"lower {micro_key}", f"{tokens} tokens per micro-batch")
-    return Term("activations", arch.layers * per_layer, f"model.gradient_checkpointing=true, or lower {micro_key}",
+    return Term("activations", (arch.layers + 2) * layer, f"model.gradient_checkpointing=true, or lower {micro_key}",
                 f"{tokens} tokens per micro-batch, every layer saved")
 
 
@@ -193,7 +204,7 @@ def _learner(config, arch: Architecture, width: int, length: int, response: int,
     if config.algorithm.use_kl_loss and config.reference.on_learner:
         terms.append(Term("reference shards", arch.num_params * width // ranks, "more learner ranks",
                           "ZeRO-3, inference only"))
-    train = [training_activations(arch, width, micro * length, config.model.gradient_checkpointing,
+    train = [training_activations(arch, width, micro, length, config.model.gradient_checkpointing, gpu,
                                   "learner.micro_batch_size"),
              log_prob_logits(arch, width, micro, response,
                              "train+entropy" if config.algorithm.entropy_coeff > 0 else "train",
@@ -202,10 +213,13 @@ def _learner(config, arch: Architecture, width: int, length: int, response: int,
     inference_micro = max(micro, config.reference.micro_batch_size if config.reference.on_learner else 0)
     infer_bytes = (inference_activations(arch, width, inference_micro * length)
                    + log_prob_logits(arch, width, inference_micro, response, "forward", "-").bytes)
-    if infer_bytes > sum(t.bytes for t in train):
-        train = [Term("log-prob forward", infer_bytes, "lower learner.micro_batch_size or reference.micro_batch_size",
-                      f"{inference_micro} sequences without grad")]
-    terms += [*train, runtime_term(gpu, "learner")]
+    phases = [train, [Term("log-prob forward", infer_bytes, "lower learner.micro_batch_size or "
+                           "reference.micro_batch_size", f"{inference_micro} sequences without grad")]]
+    if not gpu:  # rank 0 copies the full weights out (object-store sync, checkpoint) into host memory
+        phases.append([Term("full weights out", 2 * arch.num_params * width, "rollout.weight_sync=collective",
+                            "rank 0: a packed copy and its object-store (or safetensors) bytes")])
+    # The phases run one after another: only the largest counts.
+    terms += [*max(phases, key=lambda phase: sum(t.bytes for t in phase)), runtime_term(gpu, "learner")]
     return GroupPlan("learner", ranks, 1, tuple(terms))
 
 
@@ -231,7 +245,7 @@ def _rollout(config, arch: Architecture, width: int, length: int, response: int,
         kv_space = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)) * GIB)
         terms = (Term("weights", arch.num_params * width, "-"),
                  Term("KV cache", kv_space, "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_KVCACHE_SPACE"),
-                 runtime_term(gpu, "rollout"))
+                 *_weights_in(config, arch, width, gpu), runtime_term(gpu, "rollout"))
         return GroupPlan("rollout", workers, rollout.tensor_parallel_size, terms)
     # hf engine: the worker's whole batch at once
     sequences = config.algorithm.train_batch_size // workers * rollout.n_samples_per_prompt
@@ -242,9 +256,22 @@ def _rollout(config, arch: Architecture, width: int, length: int, response: int,
         # transformers' generate keeps every step's fp32 logits (output_logits) for the rollout log-probs
         Term("generation logits", sequences * response * arch.vocab * 4, "more rollout workers",
              f"[{sequences}, {response}, {arch.vocab}] fp32"),
+        *_weights_in(config, arch, width, gpu),
         runtime_term(gpu, "rollout"),
     )
     return GroupPlan("rollout", workers, 1, terms)
+
+
+def _weights_in(config, arch: Architecture, width: int, gpu: bool) -> list[Term]:
+    """Host memory a weight sync takes on a rollout worker: the mapped object-store copy it reads, or two
+    buckets of a collective sync (on GPU those are host memory or bucket-sized: not planned)."""
+    if gpu:
+        return []
+    if config.rollout.weight_sync == "object_store":
+        return [Term("weights in (sync)", arch.num_params * width, "rollout.weight_sync=collective",
+                     "the object-store copy, mapped")]
+    return [Term("weights in (sync)", 2 * config.rollout.weight_sync_bucket_mb * 2**20, "rollout.weight_sync_bucket_mb",
+                 "two buckets")]
 
 
 def _vllm_rollout(rollout, arch: Architecture, width: int, capacity_bytes: int) -> GroupPlan:
@@ -285,9 +312,8 @@ def plan_distill(config, arch: Architecture, capacity_bytes: int) -> MemoryPlan:
     width, t = DTYPE_BYTES[dtype], config.trainer
     ranks, length = config.workers.num_workers, config.data.max_length
     terms = zero_terms(arch, dtype, t.zero_stage, ranks, t.offload_optimizer, t.offload_params, gpu, "trainer")
-    tokens = t.micro_batch_size * length
-    terms.append(training_activations(arch, width, tokens, config.model.gradient_checkpointing,
-                                      "trainer.micro_batch_size"))
+    terms.append(training_activations(arch, width, t.micro_batch_size, length, config.model.gradient_checkpointing,
+                                      gpu, "trainer.micro_batch_size"))
     # rmr1_ray.sft.summed_nll: the log-probs of every position, chunked as in GRPO
     terms.append(log_prob_logits(arch, width, t.micro_batch_size, length, "train", "trainer.micro_batch_size"))
     terms.append(runtime_term(gpu, "sft"))

@@ -9,8 +9,10 @@
   rollout worker (NCCL on GPU, gloo on CPU). All learner ranks walk the parameters in state_dict order
   and gather each ZeRO-3 parameter; rank 0 packs them into buckets of `rollout.weight_sync_bucket_mb`
   and broadcasts each bucket as it fills (while the next fills), in the model's dtype, a tied weight once.
-  Receivers unpack a bucket into views and hand them to the engine while the next bucket arrives. Peak
-  extra memory on learner rank 0 is two buckets plus the parameter being gathered: no full copy.
+  Receivers unpack a bucket into views and hand them to the engine while the next bucket arrives. A
+  ZeRO-3 parameter larger than a bucket (an embedding) is never gathered whole: learner rank 0 relays
+  each rank's partition of it as it comes. Peak extra memory on learner rank 0 is two buckets (or
+  one partition), plus the small parameters being gathered: no full copy.
 
 The bucket geometry is a pure function of the layout (`plan_buckets`), computed by the sender and every
 receiver from the same `WeightLayout`, so nothing but raw bytes crosses the group.
@@ -48,6 +50,7 @@ class TensorSpec:
     name: str
     dtype: str  # torch dtype name without "torch."
     shape: tuple[int, ...]
+    partition_numel: int = 0  # a ZeRO-3 parameter: the elements of one rank's partition (0: not partitioned)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -82,7 +85,8 @@ def model_layout(model: torch.nn.Module) -> WeightLayout:
             continue
         first_name[id(tensor)] = name
         shape = tuple(getattr(tensor, "ds_shape", tensor.shape))
-        tensors.append(TensorSpec(name, str(tensor.dtype).removeprefix("torch."), shape))
+        partition = tensor.ds_tensor.ds_numel if hasattr(tensor, "ds_tensor") else 0
+        tensors.append(TensorSpec(name, str(tensor.dtype).removeprefix("torch."), shape, partition))
     return WeightLayout(tuple(tensors), aliases)
 
 
@@ -90,21 +94,45 @@ def model_layout(model: torch.nn.Module) -> WeightLayout:
 class Bucket:
     nbytes: int
     entries: tuple[tuple[int, int], ...]  # (index into layout.tensors, byte offset in the bucket)
+    # Byte ranges broadcast one after the other: the whole bucket, or, for a ZeRO-3 parameter larger than
+    # a bucket, each rank's partition of it (learner rank 0 relays them; nobody gathers the whole tensor).
+    pieces: tuple[tuple[int, int], ...] = ()
+
+
+def partition_pieces(spec: TensorSpec) -> tuple[tuple[int, int], ...]:
+    """The (byte offset, bytes) of each rank's partition of a ZeRO-3 parameter, in rank order: rank r holds
+    elements [r * partition_numel, (r + 1) * partition_numel) of the flattened tensor, the last one padded."""
+    numel, item = spec.nbytes // spec.torch_dtype.itemsize, spec.torch_dtype.itemsize
+    starts = range(0, numel, spec.partition_numel)
+    return tuple((start * item, (min(start + spec.partition_numel, numel) - start) * item) for start in starts)
+
+
+def sent_in_partitions(spec: TensorSpec, bucket_bytes: int) -> bool:
+    """A ZeRO-3 parameter larger than a bucket travels partition by partition (the rule sender and
+    receivers share)."""
+    return bool(spec.partition_numel) and spec.nbytes > bucket_bytes
 
 
 def plan_buckets(layout: WeightLayout, bucket_bytes: int) -> list[Bucket]:
-    """Consecutive tensors packed up to `bucket_bytes` (a larger tensor gets a bucket of its own)."""
+    """Consecutive tensors packed up to `bucket_bytes` (a larger tensor gets a bucket of its own, sent in
+    its ZeRO-3 partitions when it has them)."""
     buckets: list[Bucket] = []
     entries: list[tuple[int, int]] = []
     used = 0
+
+    def close() -> None:
+        spec = layout.tensors[entries[0][0]]
+        split = len(entries) == 1 and sent_in_partitions(spec, bucket_bytes)
+        buckets.append(Bucket(used, tuple(entries), partition_pieces(spec) if split else ((0, used),)))
+
     for index, spec in enumerate(layout.tensors):
         if entries and used + spec.nbytes > bucket_bytes:
-            buckets.append(Bucket(used, tuple(entries)))
+            close()
             entries, used = [], 0
         entries.append((index, used))
         used += spec.nbytes
     if entries:
-        buckets.append(Bucket(used, tuple(entries)))
+        close()
     return buckets
 
 
@@ -142,21 +170,29 @@ class SyncGroup:
 def send_weights(named_tensors: Iterable[tuple[str, torch.Tensor | None]], layout: WeightLayout,
                  group: SyncGroup | None, bucket_bytes: int) -> int:
     """Every learner rank iterates `named_tensors` (layout order: gathering is collective); rank 0 passes
-    its group and its tensors, the others None for both. Returns the bytes broadcast.
+    its group and its tensors, the others None for both. A tensor sent in partitions
+    (`sent_in_partitions`) comes as one item per partition, in rank order. Returns the bytes broadcast.
 
-    A bucket is broadcast while the next one fills (two buckets in memory at most); a tensor that has a
-    bucket to itself is broadcast from where it lies, without a copy, before the next is gathered.
+    A bucket is broadcast while the next one fills (two buckets in memory at most); a tensor, or a
+    partition, that has a bucket to itself is broadcast from where it lies, without a copy, before the
+    next is asked for.
     """
     buckets = plan_buckets(layout, bucket_bytes)
     index_of = {spec.name: i for i, spec in enumerate(layout.tensors)}
     bucket_of = {index: (b, offset) for b, bucket in enumerate(buckets) for index, offset in bucket.entries}
     in_flight, buffer, filled, sent = None, None, 0, 0
+    pieces_sent: dict[int, int] = {}
     for name, tensor in named_tensors:
         if group is None:
             continue
         b, offset = bucket_of[index_of[name]]
         data = _as_bytes(tensor)
-        if len(buckets[b].entries) == 1:  # valid only until the next tensor is asked for: send it now
+        if len(buckets[b].entries) == 1:  # valid only until the next item is asked for: send it now
+            piece = pieces_sent.get(b, 0)
+            if data.numel() != buckets[b].pieces[piece][1]:  # the receivers would wait for other sizes
+                raise ValueError(f"weight sync: {name} piece {piece} has {data.numel()} bytes, the layout says "
+                                 f"{buckets[b].pieces[piece][1]}")
+            pieces_sent[b] = piece + 1
             group.broadcast(data).wait()
             sent += data.numel()
             continue
@@ -180,12 +216,13 @@ def receive_weights(layout: WeightLayout, group: SyncGroup, bucket_bytes: int) -
 
     def start(bucket: Bucket):
         buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=group.device)
-        return buffer, group.broadcast(buffer)
+        return buffer, [group.broadcast(buffer[start : start + size]) for start, size in bucket.pieces]
 
     upcoming = start(buckets[0]) if buckets else None
     for k, bucket in enumerate(buckets):
-        buffer, work = upcoming
-        work.wait()
+        buffer, works = upcoming
+        for work in works:
+            work.wait()
         upcoming = start(buckets[k + 1]) if k + 1 < len(buckets) else None
         for index, offset in bucket.entries:
             spec = layout.tensors[index]

@@ -10,6 +10,7 @@ Both trainers' settings (SftTrainerConfig, LearnerConfig) have the fields `ZeroS
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from rmr1_ray.config.sections import ModelConfig
 from rmr1_ray.models import load_causal_lm, load_tokenizer, torch_dtype
 from rmr1_ray.process_group import Rendezvous, init_default_group
 from rmr1_ray.ray_utils import default_torch_extensions_dir
-from rmr1_ray.weight_sync import model_layout, plan_buckets
+from rmr1_ray.weight_sync import model_layout, plan_buckets, sent_in_partitions
 
 
 class ZeroSettings(Protocol):
@@ -161,23 +162,58 @@ def adamw(model: torch.nn.Module, settings: ZeroSettings, gpu: bool) -> torch.op
     return adam(params, **kwargs)  # both default to AdamW; their flags for it are named differently
 
 
-def full_tensors(engine: Any, rank: int, group_bytes: int = 64 * 2**20) -> Iterator[tuple[str, torch.Tensor | None]]:
+def full_tensors(engine: Any, rank: int, group_bytes: int = 64 * 2**20,
+                 relay_above: int | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
     """ALL ranks iterate together. Each distinct tensor of the model's state_dict, in order (a tied weight
     once, under its first name). ZeRO-3 parameters are gathered a group of up to `group_bytes` at a time,
     grouped as the weight sync packs its buckets
     (one collective per group, which costs far less than one per parameter), so no rank ever holds more
     of the model than a group and the largest parameter. Rank 0 gets full tensors, valid until it asks
-    for the next one after its group (copy them to keep them); the other ranks get None."""
+    for the next one after its group (copy them to keep them); the other ranks get None.
+
+    With `relay_above` (the weight sync's bucket size), a ZeRO-3 parameter the sync sends in partitions
+    (weight_sync.sent_in_partitions) is not gathered: it comes as one item per rank's partition, in rank
+    order, each relayed to rank 0 alone, so not even rank 0 holds it whole."""
     import deepspeed
 
     tensors = {name: tensor for name, tensor in engine.module.state_dict(keep_vars=True).items()}
     layout = model_layout(engine.module)
     for group in plan_buckets(layout, group_bytes):
-        names = [layout.tensors[index].name for index, _ in group.entries]
-        sharded = [tensors[name] for name in names if hasattr(tensors[name], "ds_id")]  # ZeRO-3 partitioned
-        with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None, enabled=bool(sharded)):
-            for name in names:
-                yield name, tensors[name].detach() if rank == 0 else None
+        specs = [layout.tensors[index] for index, _ in group.entries]
+        relayed = (relay_above is not None and sent_in_partitions(spec, relay_above) for spec in specs)
+        for relay, run in itertools.groupby(zip(specs, relayed, strict=True), key=lambda item: item[1]):
+            names = [spec.name for spec, _ in run]
+            if relay:
+                for name in names:
+                    yield from ((name, part) for part in _partitions_at_rank0(tensors[name], rank, engine.device))
+                continue
+            sharded = [tensors[name] for name in names if hasattr(tensors[name], "ds_id")]  # ZeRO-3 partitioned
+            with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None, enabled=bool(sharded)):
+                for name in names:
+                    yield name, tensors[name].detach() if rank == 0 else None
+
+
+def _partitions_at_rank0(param: torch.nn.Parameter, rank: int, device: torch.device) -> Iterator[torch.Tensor | None]:
+    """ALL ranks iterate. The valid part of every rank's ZeRO-3 partition of `param`, in rank order, on rank 0
+    (its own in place, the others received point to point into one reused buffer); None elsewhere."""
+    import torch.distributed as dist
+
+    own = param.ds_tensor.detach().reshape(-1)
+    if own.device != device:  # offloaded parameters live on the CPU; the group's collectives run on `device`
+        own = own.to(device)
+    size, numel, buffer = own.numel(), param.ds_numel, None
+    for source, start in enumerate(range(0, numel, size)):
+        valid = min(size, numel - start)
+        if rank == 0 and source == 0:
+            yield own[:valid]
+        elif rank == 0:
+            buffer = torch.empty_like(own) if buffer is None else buffer
+            dist.recv(buffer[:valid].view(torch.uint8), src=source)  # as bytes: every dtype travels
+            yield buffer[:valid]
+        else:
+            if rank == source:
+                dist.send(own[:valid].view(torch.uint8), dst=0)
+            yield None
 
 
 def gather_full_state(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:

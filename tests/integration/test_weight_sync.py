@@ -28,7 +28,14 @@ from rmr1_ray.data.prompt_batches import PromptBatches, read_prompt_table
 from rmr1_ray.process_group import Rendezvous
 from rmr1_ray.ray_utils import init_ray
 from rmr1_ray.tiny import make_tiny
-from rmr1_ray.weight_sync import SyncGroup, WeightSync, model_layout, receive_weights, unpack_state
+from rmr1_ray.weight_sync import (
+    SyncGroup,
+    WeightSync,
+    model_layout,
+    plan_buckets,
+    receive_weights,
+    unpack_state,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -170,6 +177,8 @@ def test_bf16_travels_as_bf16_and_arrives_bit_identical(cluster, models):
         rank0 = groups.learner.actors[0]
         layout = ray.get(rank0.weight_layout.remote())
         assert {spec.dtype for spec in layout.tensors} == {"bfloat16"}
+        # the embedding (512 KiB) is larger than a bucket: it travels as the 2 ranks' partitions, never gathered
+        assert [len(b.pieces) for b in plan_buckets(layout, BUCKET) if len(b.pieces) > 1] == [2]
         address, port = ray.get(rank0.open_weight_group.remote())
         joined = rank0.join_weight_group.remote(address, port, 0, 2, "gloo")
         group = SyncGroup("gloo", Rendezvous(address, port), 1, 2, torch.device("cpu"))
@@ -195,8 +204,6 @@ def test_bf16_travels_as_bf16_and_arrives_bit_identical(cluster, models):
 
 def test_layout_and_buckets_of_a_tied_model(models):
     from transformers import AutoModelForCausalLM
-
-    from rmr1_ray.weight_sync import plan_buckets
 
     model = AutoModelForCausalLM.from_pretrained(models["learner"])
     layout = model_layout(model)

@@ -68,7 +68,7 @@ def test_local_model_counts_equal_deepspeeds_own(tiny):
 @pytest.mark.parametrize("offload", [(False, False), (True, False), (True, True)])
 def test_model_states_term_is_deepspeeds_estimate(tiny, ranks, offload):
     for arch in (architecture(str(tiny)), architecture("Qwen/Qwen2.5-32B-Instruct")):
-        states, _ = zero_terms(arch, "bfloat16", 3, ranks, *offload, gpu=True, where="learner")
+        states = zero_terms(arch, "bfloat16", 3, ranks, *offload, gpu=True, where="learner")[0]
         _, expected, _ = estimate_zero3_model_states_mem_needs(
             arch.num_params, arch.largest_layer_params, num_gpus_per_node=ranks, num_nodes=1,
             cpu_offload=offload[0], cpu_offload_params=offload[1])
@@ -91,7 +91,7 @@ def test_model_states_term_matches_deepspeeds_table_for_a_live_model(tmp_path, c
                              ((True, False), r"offload_param=none, offload_optimizer=\S*cpu\s*, zero_init=1")]:
         [row] = [line for line in table.splitlines() if re.search(options + "$", line)]
         per_gpu_gb = float(row.split("|")[1].strip().removesuffix("GB"))
-        states, _ = zero_terms(arch, "bfloat16", 3, 2, *offload, gpu=True, where="learner")
+        states = zero_terms(arch, "bfloat16", 3, 2, *offload, gpu=True, where="learner")[0]
         assert per_gpu_gb > 0.1
         assert states.bytes / 2**30 == pytest.approx(per_gpu_gb, abs=0.006)
 
@@ -162,6 +162,6 @@ def test_jobs_check_the_plan_before_starting_anything(job, tiny, tmp_path):
 def test_fp32_model_states_count_fp32_weights_and_gradients(tiny):
     """DeepSpeed's estimator assumes 16-bit weights and gradients; in fp32 both are 2 bytes wider."""
     arch = architecture(str(tiny))
-    half, _ = zero_terms(arch, "bfloat16", 3, 2, False, False, gpu=False, where="learner")
-    full, _ = zero_terms(arch, "float32", 3, 2, False, False, gpu=False, where="learner")
+    half, *_ = zero_terms(arch, "bfloat16", 3, 2, False, False, gpu=False, where="learner")
+    full, *_ = zero_terms(arch, "float32", 3, 2, False, False, gpu=False, where="learner")
     assert full.bytes - half.bytes == 4 * arch.num_params // 2
