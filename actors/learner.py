@@ -22,7 +22,7 @@ import torch.distributed as dist
 from rmr1_ray import algorithms as algo
 from rmr1_ray.batch import DataProto, fetch, with_data_index
 from rmr1_ray.config.sections import ModelConfig
-from rmr1_ray.config.train import LearnerConfig
+from rmr1_ray.config.train import AlgorithmConfig, LearnerConfig
 from rmr1_ray.process_group import Rendezvous
 from rmr1_ray.weight_sync import SyncGroup, WeightLayout, model_layout, pack_state, send_weights
 from rmr1_ray.zero import (
@@ -58,6 +58,7 @@ class PolicyLearner:
         self.engine = None
         self.reference = None  # the frozen reference's ZeRO-3 engine, with reference.on_learner
         self.model_config: ModelConfig | None = None  # validated in setup()
+        self.algorithm = AlgorithmConfig.model_validate(config["algorithm"])
         self.device = torch.device("cpu")
         self.timings: dict[str, float] = {}
 
@@ -107,13 +108,23 @@ class PolicyLearner:
             "setup_seconds": self.timings["setup_s"],
         }
 
+    def _optimizer_steps_per_step(self) -> int:
+        """Optimizer steps of a GRPO step with a full batch (algorithm.train_batch_size prompts)."""
+        a = self.algorithm
+        return a.train_batch_size // a.ppo_mini_batch_size * a.ppo_epochs
+
     def _lr_lambda(self):
         """DeepSpeed steps the scheduler once per optimizer step; the schedule is in GRPO steps
-        (trainer.total_steps, learner.lr_warmup_steps), so the LR is constant within a step."""
-        learner, algorithm = self.config["learner"], self.config["algorithm"]
-        per_step = algorithm["train_batch_size"] // algorithm["ppo_mini_batch_size"] * algorithm["ppo_epochs"]
+        (trainer.total_steps, learner.lr_warmup_steps), so the LR is constant within a step. A step with
+        fewer optimizer steps (dynamic sampling's short or skipped batches) steps the scheduler up to a
+        full step's count (`_finish_schedule_step`), so the schedule stays in GRPO steps."""
+        learner, per_step = self.config["learner"], self._optimizer_steps_per_step()
         warmup, total, kind = learner["lr_warmup_steps"], self.config["trainer"]["total_steps"], learner["lr_scheduler"]
         return lambda opt_step: algo.lr_lambda(opt_step // per_step, warmup, total, kind)
+
+    def _finish_schedule_step(self, optimizer_steps: int) -> None:
+        for _ in range(self._optimizer_steps_per_step() - optimizer_steps):
+            self.engine.lr_scheduler.step()
 
     # --- log-probs and updates ------------------------------------------------------------------
 
@@ -146,7 +157,8 @@ class PolicyLearner:
         optimizer step per mini-batch.
 
         Metrics are mini-batch values (token-weighted over all ranks' micro-batches), averaged over
-        the mini-batches of all epochs; grad_norm is the pre-clip norm; lr the LR of this step.
+        the mini-batches of all epochs; grad_norm is the pre-clip norm; lr the LR of this step. A share may
+        hold fewer mini-batches than a full step's (dynamic sampling trains on the groups it kept).
         """
         start = time.perf_counter()
         cfg, a = self.config, self.config["algorithm"]
@@ -179,15 +191,25 @@ class PolicyLearner:
         metrics = {name: value / len(grad_norms) for name, value in zip(names, totals.tolist(), strict=True)}
         metrics["actor/grad_norm"] = float(np.mean(grad_norms))
         metrics["actor/lr"] = lr
+        self._finish_schedule_step(len(grad_norms))  # one optimizer step per mini-batch
         self.timings["update_s"] = time.perf_counter() - start
         return metrics
 
+    def skip_update(self) -> dict[str, float]:
+        """ALL ranks call, in place of update() on a step without a batch (dynamic sampling kept no
+        group): no optimizer step, but the LR schedule moves on by one GRPO step."""
+        lr = self.engine.get_lr()[0]
+        self._finish_schedule_step(0)
+        return {"actor/lr": lr}
+
     def _global_counts(self, mini: DataProto) -> tuple[float, float]:
-        """Valid tokens and non-empty sequences of a mini-batch over all ranks (loss normalisers)."""
+        """Valid tokens and non-empty sequences of a mini-batch over all ranks (loss normalisers), at
+        least 1: with algorithm.overlong_filtering a mini-batch of truncated samples has no loss token, and
+        its loss is then 0, not 0 / 0."""
         mask = mini.batch["response_mask"]
         counts = torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum()], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
-        return counts[0].item(), counts[1].item()
+        return max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
 
     def _train_micro_batch(self, micro: DataProto, tokens: float, sequences: float, temperature: float) -> dict:
         a = self.config["algorithm"]
@@ -200,18 +222,20 @@ class PolicyLearner:
         log_probs, entropies = algo.response_token_stats(logits, data["responses"], temperature, entropy_mode)
         # Each micro-batch loss is its share of the mini-batch loss (times world size: DeepSpeed
         # averages gradients over ranks); backward without 1/GA scaling sums the shares.
-        share = {"dp_size": self.world_size, "batch_num_tokens": tokens, "global_batch_size": sequences}
+        # seq-mean-token-sum-norm divides by a constant: the longest response there can be (Dr.GRPO).
+        share = {"dp_size": self.world_size, "batch_num_tokens": tokens, "global_batch_size": sequences,
+                 "loss_scale_factor": self.config["rollout"]["max_new_tokens"]}
         mode = a["loss_agg_mode"]
         pg_loss, pg_metrics = algo.policy_loss(
-            data["old_log_probs"], log_probs, data["advantages"], mask, a["clip_ratio"], mode, **share
+            data["old_log_probs"], log_probs, data["advantages"], mask, self.algorithm.clip_range(), mode,
+            loss_mode=a["policy_loss"], **share
         )
         loss = pg_loss
         token_share = mask.sum().item() / tokens  # weight of this micro-batch's token means
-        metrics = {
-            "actor/pg_loss": pg_loss.item() / self.world_size,
-            "actor/pg_clipfrac": pg_metrics["actor/pg_clipfrac"] * token_share,
-            "actor/ppo_kl": pg_metrics["actor/ppo_kl"] * token_share,
-        }
+        metrics = {"actor/pg_loss": pg_loss.item() / self.world_size}
+        # clipfrac: either bound; _high / _low: each bound apart; _lower: verl's dual clip (ratio > 3, A < 0)
+        for name in ("pg_clipfrac", "pg_clipfrac_high", "pg_clipfrac_low", "pg_clipfrac_lower", "ppo_kl"):
+            metrics[f"actor/{name}"] = pg_metrics[f"actor/{name}"] * token_share
         if a["use_kl_loss"]:
             kl = algo.kl_loss(log_probs, data["ref_log_probs"], mask, a["kl_loss_type"], mode, **share)
             loss = loss + a["kl_loss_coef"] * kl
@@ -256,7 +280,8 @@ class PolicyLearner:
         start = time.perf_counter()
         group = self.weight_group if self.rank == 0 else None
         try:
-            tensors = full_tensors(self.engine, self.rank, relay_above=bucket_bytes)
+            # gathered a few parameters at a time (an eighth of a bucket), so that they add little to the buckets
+            tensors = full_tensors(self.engine, self.rank, group_bytes=bucket_bytes // 8, relay_above=bucket_bytes)
             sent = send_weights(tensors, self.weight_layout(), group, bucket_bytes)
         except Exception:
             if group is not None:  # a receiver is gone: break the others' wait instead of leaving them hanging

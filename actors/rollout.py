@@ -95,7 +95,7 @@ class RolloutWorker:
             "prompt_tokens": int(batch.batch["attention_mask"].sum() - lengths.sum()),
             "response_tokens": int(lengths.sum()),
             "response_lengths": lengths.tolist(),
-            "truncated": int((lengths >= self.config["rollout"]["max_new_tokens"]).sum()),
+            "truncated": int(sum(batch.non_tensor_batch["truncated"])),
             "seconds": seconds,
         }
         shares = rank_payloads(batch, self.config["learner"]["group"]["num_workers"], LOG_PROB_KEYS)

@@ -21,11 +21,16 @@ returns the ref log-probs with the old ones, from the same shares (time/old_log_
 
     samples' shares   -> learner.compute_log_probs -> old and ref log-probs
 
+With algorithm.dynamic_sampling (DAPO) the first four lines are a round, repeated with more prompts while
+too few groups have varied rewards (at most algorithm.dynamic_sampling_max_rounds extra rounds), and
+rewarder.assemble keeps the chosen groups of every round (rmr1_ray.dynamic_sampling); a step that keeps
+none skips its update and weight sync.
+
 Every trainer.eval_every steps (and at the end) the rollout workers judge data.val_path and the
 `evaluation` benchmarks greedily with the just-synced weights; the scores are logged with the step.
 
 Outputs in trainer.output_dir: config.resolved.yaml, metrics.jsonl, samples/, checkpoints/step_N/,
-final/ (the trained judge as an HF model), wandb/.
+final/ (the trained judge as an HF model), wandb/, dropped_groups.jsonl (dynamic sampling).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from actors.reference import ReferenceModel
 from actors.rewarder import VerdictRewarder
 from actors.rollout import RolloutWorker
 from jobs.plan import add_plan_option, check_memory
+from rmr1_ray.batch import DataProto
 from rmr1_ray.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -57,6 +63,7 @@ from rmr1_ray.config import job_parser, parse_job_config, save_resolved
 from rmr1_ray.config.train import TrainConfig
 from rmr1_ray.data.prompt_batches import DataPosition, PromptBatches
 from rmr1_ray.data.prompt_check import load_checked_prompts
+from rmr1_ray.dynamic_sampling import DroppedLog, StepGroups, round_unit
 from rmr1_ray.engines import check_engine
 from rmr1_ray.evaluation.during_training import evaluate_policy, read_val_prompts, rollout_judge
 from rmr1_ray.faults import WorkerDied
@@ -91,10 +98,79 @@ def constructor_args(group: str, cfg: dict, index: int, num_workers: int) -> tup
     return cfg, index
 
 
-def rollout_seed(base: int, step: int, chunk: int) -> int:
-    """Sampling seed of one rollout batch: fixed by (seed, step, batch), not by which worker runs it, so
-    a retried batch and a resumed run sample exactly the same tokens."""
-    return int(np.random.SeedSequence([base, step, chunk]).generate_state(1)[0])
+def rollout_seed(base: int, step: int, chunk: int, round_index: int = 0) -> int:
+    """Sampling seed of one rollout batch: fixed by (seed, step, batch, dynamic sampling's round), not by
+    which worker runs it, so a retried batch and a resumed run sample exactly the same tokens."""
+    entropy = [base, step, chunk] + ([round_index] if round_index else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+@dataclasses.dataclass
+class Round:
+    """One generation round of a step: the prompts, ObjectRefs of what the groups made of them, and the
+    small summaries the driver reads."""
+
+    prompts: DataProto
+    samples: list  # rollout batches, one per rollout worker
+    rewards: list
+    ref_log_probs: list  # absent without the KL loss; the old_log_probs refs with reference.on_learner
+    old_log_probs: list
+    generated: list[dict]  # the rollout workers' summaries
+    scored: list[dict]  # the rewarder's per-sample stats
+    times: dict[str, float]
+
+    def pieces(self) -> tuple[list, list, list, list]:
+        return self.samples, self.rewards, self.ref_log_probs, self.old_log_probs
+
+
+def generate_round(groups: dict[str, ActorGroup], config: TrainConfig, prompts: DataProto, step: int,
+                   index: int) -> Round:
+    """Steps 1 and 2 for one batch of prompts: generate, then rewards, ref and old log-probs at the same time."""
+    learner, rollout, rewarder = groups["learner"], groups["rollout"], groups["rewarder"]
+    reference = groups.get("reference")
+    start = time.perf_counter()
+    # 1. generate: one equal share of the prompts per rollout worker
+    chunks = prompts.chunk(rollout.num_workers)
+    for i, chunk in enumerate(chunks):  # chunks share one meta_info dict: give each its own
+        chunk.meta_info = {**chunk.meta_info, "seed": rollout_seed(config.rollout.seed, step, i, index)}
+    # each rollout batch comes with one share per learner rank: a rank fetches only its own
+    outputs, generated = rollout.run("generate", chunks, num_returns=2 + learner.num_workers)
+    samples = [out[0] for out in outputs]
+    shares = [[out[1 + rank] for out in outputs] for rank in range(learner.num_workers)]
+    times = {"time/generate": time.perf_counter() - start}
+
+    # 2. reward, reference and old log-probs: independent, so they run at the same time
+    stage_start = time.perf_counter()
+    reward_calls = rewarder.dispatch("score", samples, num_returns=2)
+    ref_refs = []
+    if reference is not None:
+        batches_of = [samples[i :: reference.num_workers] for i in range(reference.num_workers)]
+        ref_refs = reference.dispatch("compute_log_probs", [b for b in batches_of if b]).refs
+    ref_on_learner = config.reference.on_learner  # (the config allows it only with the KL loss)
+    old_refs = learner.call_each("compute_log_probs", [(own, ref_on_learner) for own in shares])
+    stages = {"reward": [refs[-1] for refs in reward_calls.refs], "old_log_prob": old_refs}
+    if ref_on_learner:
+        ref_refs = old_refs  # each piece holds ref_log_probs next to old_log_probs
+    else:
+        stages["reference"] = ref_refs
+    times.update(wait_timed(stage_start, stages))
+    retry_start = time.perf_counter()
+    rewards, scored = rewarder.collect(reward_calls)  # re-runs the work of a rewarder that died
+    rewards = [first for first, in rewards]
+    times["time/reward"] += time.perf_counter() - retry_start
+    return Round(prompts, samples, rewards, ref_refs, old_refs, generated, scored, times)
+
+
+def sample_rows(rewarder: ActorGroup, rounds: list[Round]) -> list[dict]:
+    """The samples table of a step: the scored generations of each rollout batch's first prompts, with
+    their judge prompt (its last user turn) and round."""
+    rows = []
+    for index, r in enumerate(rounds):
+        _, parts = rewarder.run("sample_rows", [(s, SAMPLE_PROMPTS_PER_BATCH) for s in r.samples])
+        nt = r.prompts.non_tensor_batch
+        prompt_of = {uid: messages[-1]["content"] for uid, messages in zip(nt["uid"], nt["messages"], strict=True)}
+        rows += [{"prompt": prompt_of[row["uid"]], "round": index, **row} for part in parts for row in part]
+    return rows
 
 
 def print_evaluation(metrics: dict, step: int) -> None:
@@ -187,56 +263,53 @@ def main(argv: list[str] | None = None) -> int:
                 print_evaluation(initial, 0)
                 tracker.log(initial, 0)
 
+        dropped = DroppedLog(out, start_step)
+        unit = round_unit(rollout.num_workers, learner.num_workers, config.rollout.n_samples_per_prompt)
         for step in range(start_step + 1, trainer.total_steps + 1):
             step_start = time.perf_counter()
-            prompts = data.next()
 
-            # 1. generate: one equal share of the prompts per rollout worker
-            chunks = prompts.chunk(rollout.num_workers)
-            for i, chunk in enumerate(chunks):  # chunks share one meta_info dict: give each its own
-                chunk.meta_info = {**chunk.meta_info, "seed": rollout_seed(config.rollout.seed, step, i)}
-            # each rollout batch comes with one share per learner rank: a rank fetches only its own
-            outputs, generated = rollout.run("generate", chunks, num_returns=2 + learner.num_workers)
-            samples = [out[0] for out in outputs]
-            shares = [[out[1 + rank] for out in outputs] for rank in range(learner.num_workers)]
-            times = {"time/generate": time.perf_counter() - step_start}
+            # 1.-2. generate, then rewards, reference and old log-probs (generate_round). With
+            #       algorithm.dynamic_sampling, groups whose rewards are all equal are dropped and refill
+            #       rounds generate more prompts until the batch is full or the rounds run out.
+            step_groups = StepGroups(config.algorithm, config.rollout.n_samples_per_prompt, unit)
+            rounds, size = [], config.algorithm.train_batch_size
+            while size:
+                rounds.append(generate_round(groups, config, data.next(size), step, len(rounds)))
+                size = step_groups.add_round(rounds[-1].scored)
+            selection = step_groups.select()
+            dropped.write(step, selection.dropped)
+            times: dict[str, float] = {}
+            for r in rounds:
+                times.update({key: times.get(key, 0.0) + value for key, value in r.times.items()})
 
-            # 2. reward, reference and old log-probs: independent, so they run at the same time
-            stage_start = time.perf_counter()
-            reward_calls = rewarder.dispatch("score", samples, num_returns=2)
-            ref_refs = []
-            if reference is not None:
-                batches_of = [samples[i :: reference.num_workers] for i in range(reference.num_workers)]
-                ref_refs = reference.dispatch("compute_log_probs", [b for b in batches_of if b]).refs
-            ref_on_learner = config.reference.on_learner  # (the config allows it only with the KL loss)
-            old_refs = learner.call_each("compute_log_probs", [(own, ref_on_learner) for own in shares])
-            stages = {"reward": [refs[-1] for refs in reward_calls.refs], "old_log_prob": old_refs}
-            if ref_on_learner:
-                ref_refs = old_refs  # each piece holds ref_log_probs next to old_log_probs
-            else:
-                stages["reference"] = ref_refs
-            times.update(wait_timed(stage_start, stages))
-            retry_start = time.perf_counter()
-            rewards, scored = rewarder.collect(reward_calls)  # re-runs the work of a rewarder that died
-            rewards = [first for first, in rewards]
-            times["time/reward"] += time.perf_counter() - retry_start
+            algo = config.algorithm
+            if selection.num_groups:
+                # 3. join the pieces and add GRPO advantages, on a rewarder worker (the driver holds no
+                #    tensors); it hands back the step batch as one share per learner rank
+                stage_start = time.perf_counter()
+                pieces = ([r.pieces() for r in rounds], selection.keep, algo.norm_adv_by_std, algo.overlong_filtering,
+                          learner.num_workers)
+                [update_shares], [batch_stats] = rewarder.run("assemble", [pieces], num_returns=1 + learner.num_workers)
+                times["time/advantages"] = time.perf_counter() - stage_start
 
-            # 3. join the pieces and add GRPO advantages, on a rewarder worker (the driver holds no tensors);
-            #    it hands back the step batch as one share per learner rank
-            stage_start = time.perf_counter()
-            pieces = (samples, rewards, ref_refs, old_refs, config.algorithm.norm_adv_by_std, learner.num_workers)
-            [update_shares], [batch_stats] = rewarder.run("assemble", [pieces], num_returns=1 + learner.num_workers)
-            times["time/advantages"] = time.perf_counter() - stage_start
+                # 4. PPO update on every learner rank, each on its own share
+                stage_start = time.perf_counter()
+                update = learner.get(learner.call_each("update", [(own,) for own in update_shares]))[0]  # all-reduced
+                times["time/update"] = time.perf_counter() - stage_start
 
-            # 4. PPO update on every learner rank, each on its own share
-            stage_start = time.perf_counter()
-            update = learner.get(learner.call_each("update", [(own,) for own in update_shares]))[0]  # all-reduced
-            times["time/update"] = time.perf_counter() - stage_start
+                # 5. weight sync learner -> rollout
+                sync = weights.sync()
+            else:  # dynamic sampling kept no group: nothing to train on, the weights stay as they are
+                varied = selection.metrics["dynamic_sampling/groups_partial_mini_batch"]
+                print(f"step {step}: {varied} group(s) with varied rewards after {len(rounds)} generation round(s), "
+                      f"fewer than one PPO mini-batch (algorithm.ppo_mini_batch_size={algo.ppo_mini_batch_size}): "
+                      "update skipped", flush=True)
+                batch_stats, sync = {}, {}
+                update = learner.get(learner.call_all("skip_update"))[0]
 
-            # 5. weight sync learner -> rollout
-            sync = weights.sync()
-
-            metrics = {**rollout_metrics(generated, scored), **batch_stats, **update, **sync, **times}
+            generated = [summary for r in rounds for summary in r.generated]
+            scored = [stats for r in rounds for stats in r.scored]
+            metrics = {**rollout_metrics(generated, scored), **selection.metrics, **batch_stats, **update, **sync, **times}
             # 6. evaluation of the synced policy every trainer.eval_every steps and at the end
             if trainer.eval_every and (step % trainer.eval_every == 0 or step == trainer.total_steps):
                 metrics.update(evaluate_policy(judge, config, val_prompts))
@@ -245,13 +318,11 @@ def main(argv: list[str] | None = None) -> int:
             metrics["perf/gen_tokens_per_s"] = metrics["perf/gen_tokens"] / times["time/generate"]
             restarts = {"rollout_restarts": earlier_restarts["rollout_restarts"] + rollout.restarts,
                         "rewarder_restarts": earlier_restarts["rewarder_restarts"] + rewarder.restarts}
-            metrics.update({"data/epoch": prompts.meta_info["epoch"], **{f"faults/{k}": v for k, v in restarts.items()}})
+            epoch = rounds[-1].prompts.meta_info["epoch"]
+            metrics.update({"data/epoch": epoch, **{f"faults/{k}": v for k, v in restarts.items()}})
             tracker.log(metrics, step)
             if tracker.should_log_samples(step):
-                _, parts = rewarder.run("sample_rows", [(s, SAMPLE_PROMPTS_PER_BATCH) for s in samples])
-                nt = prompts.non_tensor_batch  # the judge prompt (its last user turn) of each sample's uid
-                prompt_of = {uid: messages[-1]["content"] for uid, messages in zip(nt["uid"], nt["messages"], strict=True)}
-                tracker.log_samples([{"prompt": prompt_of[row["uid"]], **row} for part in parts for row in part], step)
+                tracker.log_samples(sample_rows(rewarder, rounds), step)
 
             # 7. checkpoint every trainer.save_every steps and at the end
             if step == trainer.total_steps or (trainer.save_every and step % trainer.save_every == 0):

@@ -5,7 +5,10 @@ number of valid tokens in the whole mini-batch (`batch_num_tokens`, all ranks) a
 non-empty sequences in it (`global_batch_size`). Each micro-batch loss is then its share of the
 mini-batch loss times dp_size; summing micro-batch gradients (no 1/GA scaling) and averaging over
 ranks gives exactly the gradient of the mini-batch loss, however the mini-batch is partitioned.
-Without them (the defaults) the loss is the plain local aggregate.
+Without them (the defaults) the loss is the plain local aggregate. "seq-mean-token-sum-norm" also
+divides by `loss_scale_factor`: verl's default for it, the padded response width, would change from
+step to step here (batches are padded to their longest response), so the learner passes the constant
+rollout.max_new_tokens, Dr.GRPO's normaliser.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ from verl.utils import torch_functional as verl_F
 from verl.workers.config.actor import ActorConfig
 
 
-def _global_info(dp_size: int, batch_num_tokens: float | None, global_batch_size: float | None) -> dict:
-    return {"dp_size": dp_size, "batch_num_tokens": batch_num_tokens, "global_batch_size": global_batch_size}
+def _global_info(
+    dp_size: int, batch_num_tokens: float | None, global_batch_size: float | None, loss_scale_factor: int | None = None
+) -> dict:
+    return {"dp_size": dp_size, "batch_num_tokens": batch_num_tokens, "global_batch_size": global_batch_size,
+            "loss_scale_factor": loss_scale_factor}
 
 
 def grpo_advantages(
@@ -47,36 +53,47 @@ def grpo_advantages(
     return advantages
 
 
+PolicyLoss = Literal["vanilla", "gspo"]
+
+
 def policy_loss(
     old_log_probs: torch.Tensor,
     log_probs: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
-    clip_ratio: float,
+    clip_ratio: float | tuple[float, float],
     loss_agg_mode: str = "token-mean",
     *,
+    loss_mode: PolicyLoss = "vanilla",
     dp_size: int = 1,
     batch_num_tokens: float | None = None,
     global_batch_size: float | None = None,
+    loss_scale_factor: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO clipped surrogate (verl's "vanilla" loss, incl. its dual-clip bound of 3 for A < 0).
+    """verl's clipped policy-gradient loss `loss_mode`: "vanilla" (PPO's token-level ratio, with verl's
+    dual-clip bound of 3 for A < 0) or "gspo" (GSPO's sequence-level ratio, no dual clip).
 
-    Returns (loss, metrics) with metrics actor/pg_clipfrac, actor/ppo_kl, actor/pg_clipfrac_lower
-    (token means over this micro-batch).
+    clip_ratio: eps, the ratio is clipped to [1 - eps, 1 + eps]; or (low, high) for [1 - low, 1 + high]
+    (DAPO's clip-higher). loss_scale_factor: the constant that "seq-mean-token-sum-norm" divides by.
+    Returns (loss, metrics): verl's actor/pg_clipfrac (clipped tokens, either bound), actor/ppo_kl and
+    actor/pg_clipfrac_lower (the dual clip), plus actor/pg_clipfrac_high and actor/pg_clipfrac_low
+    (`clip_fractions`), token means over this micro-batch.
     """
+    low, high = (clip_ratio, clip_ratio) if isinstance(clip_ratio, int | float) else clip_ratio
     # verl reads the clip range and aggregation info from its ActorConfig; building one is ~0.1 ms.
+    # (Its clip_ratio is only the fallback for an unset bound: both are set.)
     config = ActorConfig(
         strategy="deepspeed",
         rollout_n=1,
         ppo_micro_batch_size_per_gpu=1,
-        clip_ratio=clip_ratio,
-        clip_ratio_low=clip_ratio,
-        clip_ratio_high=clip_ratio,
+        clip_ratio=high,
+        clip_ratio_low=low,
+        clip_ratio_high=high,
         loss_agg_mode=loss_agg_mode,
-        global_batch_info=_global_info(dp_size, batch_num_tokens, global_batch_size),
+        global_batch_info=_global_info(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor),
     )
-    loss_fn = core_algos.get_policy_loss_fn("vanilla")
-    return loss_fn(
+    loss_fn = core_algos.get_policy_loss_fn(loss_mode)
+    loss, metrics = loss_fn(
         old_log_prob=old_log_probs,
         log_prob=log_probs,
         advantages=advantages,
@@ -84,6 +101,57 @@ def policy_loss(
         loss_agg_mode=loss_agg_mode,
         config=config,
     )
+    with torch.no_grad():
+        metrics.update(clip_fractions(old_log_probs, log_probs, advantages, response_mask, low, high, loss_mode))
+    return loss, metrics
+
+
+def clip_fractions(
+    old_log_probs: torch.Tensor,
+    log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    low: float,
+    high: float,
+    loss_mode: PolicyLoss = "vanilla",
+) -> dict[str, float]:
+    """Shares of the response tokens whose ratio the loss clips at 1 + high (A > 0) and at 1 - low (A < 0).
+
+    verl reports one fraction for both bounds (pg_clipfrac, their sum); with clip-higher the two bounds
+    differ, so they are counted apart here, from the ratio verl's loss of `loss_mode` clips: the token's
+    (log-ratio clamped to +-20, as verl) or, for GSPO, its sequence's (exp of the mean log-ratio over the
+    response, clamped at 10, as verl).
+    """
+    log_ratio = log_probs - old_log_probs
+    if loss_mode == "gspo":
+        per_sequence = (log_ratio * response_mask).sum(-1) / response_mask.sum(-1).clamp(min=1)
+        log_ratio = per_sequence.unsqueeze(-1).expand_as(log_probs).clamp(max=10.0)
+    else:
+        log_ratio = log_ratio.clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    clipped_high = (advantages > 0) & (ratio > 1 + high)
+    clipped_low = (advantages < 0) & (ratio < 1 - low)
+    return {
+        "actor/pg_clipfrac_high": verl_F.masked_mean(clipped_high.float(), response_mask).item(),
+        "actor/pg_clipfrac_low": verl_F.masked_mean(clipped_low.float(), response_mask).item(),
+    }
+
+
+def overlong_penalty(
+    response_lengths: torch.Tensor, max_response_length: int, buffer_length: int, penalty_factor: float
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment, added to a sample's reward: 0 up to max_response_length -
+    buffer_length tokens, then falling linearly to -penalty_factor at max_response_length. [B] -> [B] float.
+
+    verl has it inline in its DAPO reward manager only (verl/workers/reward_manager/dapo.py,
+    DAPORewardManager.__call__), not as a function; its formula, term by term:
+        expected_len = max_resp_len - overlong_buffer_len
+        exceed_len = valid_response_length - expected_len
+        overlong_reward = min(-exceed_len / overlong_buffer_len * overlong_penalty_factor, 0)
+    """
+    expected_length = max_response_length - buffer_length
+    exceed_length = response_lengths.float() - expected_length
+    return torch.clamp(-exceed_length / buffer_length * penalty_factor, max=0.0)
 
 
 def kl_loss(
@@ -96,6 +164,7 @@ def kl_loss(
     dp_size: int = 1,
     batch_num_tokens: float | None = None,
     global_batch_size: float | None = None,
+    loss_scale_factor: int | None = None,
 ) -> torch.Tensor:
     """KL(policy || reference) estimate per token (kl | abs | mse | low_var_kl), aggregated."""
     if kl_type == "full":
@@ -103,7 +172,7 @@ def kl_loss(
         raise ValueError("algorithm.kl_loss_type='full' is not supported; use low_var_kl, kl, abs or mse")
     kl = core_algos.kl_penalty(log_probs, ref_log_probs, kl_penalty=kl_type)
     return core_algos.agg_loss(
-        kl, response_mask, loss_agg_mode, **_global_info(dp_size, batch_num_tokens, global_batch_size)
+        kl, response_mask, loss_agg_mode, **_global_info(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
     )
 
 
@@ -115,11 +184,13 @@ def entropy_loss(
     dp_size: int = 1,
     batch_num_tokens: float | None = None,
     global_batch_size: float | None = None,
+    loss_scale_factor: int | None = None,
 ) -> torch.Tensor:
     """Aggregated entropy of the policy at the response positions, from the per-token entropies
     [B, R] of `response_token_stats` (subtract coef * this from the loss)."""
     return core_algos.agg_loss(
-        entropy, response_mask, loss_agg_mode, **_global_info(dp_size, batch_num_tokens, global_batch_size)
+        entropy, response_mask, loss_agg_mode,
+        **_global_info(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor),
     )
 
 

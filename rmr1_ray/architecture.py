@@ -17,6 +17,7 @@ from pathlib import Path
 from rmr1_ray.config.sections import looks_local
 
 RESOURCE_DIR = "model_configs"
+CHECKPOINT_WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}  # config.json's dtype; unknown: fp32
 
 
 class ArchitectureError(ValueError):
@@ -34,6 +35,7 @@ class Architecture:
     head_dim: int
     vocab: int
     max_positions: int  # the context length vLLM serves when rollout.max_model_len is unset
+    checkpoint_width: int  # bytes per value of the stored weights (config.json's dtype)
     num_params: int  # distinct parameters (a tied embedding once)
     largest_layer_params: int  # the biggest module's own parameters: what ZeRO-3 gathers at once
 
@@ -92,6 +94,7 @@ def architecture(path: str) -> Architecture:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         vocab=config.vocab_size,
         max_positions=config.max_position_embeddings,
+        checkpoint_width=CHECKPOINT_WIDTH.get(str(raw.get("dtype") or raw.get("torch_dtype")), 4),
         num_params=num_params,
         largest_layer_params=largest,
     )

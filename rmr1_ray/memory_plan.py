@@ -225,14 +225,28 @@ def _learner(config, arch: Architecture, width: int, length: int, response: int,
 
 def _reference(config, arch: Architecture, width: int, length: int, response: int, gpu: bool) -> GroupPlan:
     micro = config.reference.micro_batch_size
+    forward = Term("log-prob forward", inference_activations(arch, width, micro * length)
+                   + log_prob_logits(arch, width, micro, response, "forward", "-").bytes,
+                   "lower reference.micro_batch_size", f"{micro} sequences")
     terms = (
         Term("weights", arch.num_params * width, "reference.on_learner=true (ZeRO-3 shards on the learner ranks)"),
-        Term("log-prob forward", inference_activations(arch, width, micro * length)
-             + log_prob_logits(arch, width, micro, response, "forward", "-").bytes,
-             "lower reference.micro_batch_size", f"{micro} sequences"),
+        _larger(forward, _loading(arch, width, gpu)),
         runtime_term(gpu, "reference"),
     )
     return GroupPlan("reference", config.reference.group.num_workers, 1, terms)
+
+
+def _loading(arch: Architecture, width: int, gpu: bool) -> Term:
+    """A frozen model loaded from a checkpoint stored wider than it runs (fp32 files, bf16 run) holds the
+    checkpoint's tensors while it converts them, in host memory (on GPU the model moves over afterwards)."""
+    wider = not gpu and arch.checkpoint_width > width
+    return Term("loading", arch.num_params * arch.checkpoint_width if wider else 0, "a checkpoint saved in the run's dtype",
+                f"{arch.checkpoint_width}-byte checkpoint")
+
+
+def _larger(*terms: Term) -> Term:
+    """Of terms that happen one after another, the one that counts."""
+    return max(terms, key=lambda t: t.bytes)
 
 
 def _rollout(config, arch: Architecture, width: int, length: int, response: int, gpu: bool,
@@ -249,16 +263,18 @@ def _rollout(config, arch: Architecture, width: int, length: int, response: int,
         return GroupPlan("rollout", workers, rollout.tensor_parallel_size, terms)
     # hf engine: the worker's whole batch at once
     sequences = config.algorithm.train_batch_size // workers * rollout.n_samples_per_prompt
-    terms = (
-        Term("weights", arch.num_params * width, "-"),
+    working = [
         Term("KV cache", sequences * length * kv_bytes_per_token(arch, width),
              "more rollout workers, or lower rollout.max_new_tokens", f"{sequences} sequences of {length} tokens"),
         # transformers' generate keeps every step's fp32 logits (output_logits) for the rollout log-probs
         Term("generation logits", sequences * response * arch.vocab * 4, "more rollout workers",
              f"[{sequences}, {response}, {arch.vocab}] fp32"),
         *_weights_in(config, arch, width, gpu),
-        runtime_term(gpu, "rollout"),
-    )
+    ]
+    loading = _loading(arch, width, gpu)
+    if loading.bytes > sum(t.bytes for t in working):  # loading happens once, before any of the rest
+        working = [loading]
+    terms = (Term("weights", arch.num_params * width, "-"), *working, runtime_term(gpu, "rollout"))
     return GroupPlan("rollout", workers, 1, terms)
 
 

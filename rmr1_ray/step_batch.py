@@ -7,10 +7,17 @@ carries `data_index`, the sample's place in the step batch, and the join checks 
 every sample exactly once: a sample lost or counted twice (say, by a retried rollout) is an error here,
 not a silent bias in the update.
 
+A step may have several generation rounds (algorithm.dynamic_sampling refills the batch with more
+prompts); each round's pieces cover that round's samples, joined round by round, and the step batch is
+the samples the driver chose to keep (rmr1_ray.dynamic_sampling).
+
 The driver has a rewarder worker run it, so the tensors never pass through the driver.
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -44,16 +51,11 @@ def _join(batch: DataProto, parts: list[DataProto], key: str) -> None:
     batch.batch[key] = out
 
 
-def assemble(
-    rollouts: list[DataProto],
-    rewards: list[DataProto],
-    ref_log_probs: list[DataProto],
-    old_log_probs: list[DataProto],
-    norm_adv_by_std: bool,
-) -> tuple[DataProto, dict[str, float]]:
-    """-> (step batch sorted by data_index with token_level_rewards, ref/old log-probs, advantages and
-    returns; diagnostics). Sorting keeps a prompt's n samples contiguous, so the learner's equal
-    rank slices hold whole GRPO groups."""
+def join_round(
+    rollouts: list[DataProto], rewards: list[DataProto], ref_log_probs: list[DataProto], old_log_probs: list[DataProto]
+) -> DataProto:
+    """One generation round's pieces -> its samples sorted by data_index, with token_level_rewards and
+    ref/old log-probs. Sorting keeps a prompt's n samples contiguous."""
     batch = concat(rollouts)
     order = np.argsort(_indices(batch), kind="stable")
     batch = batch[order]
@@ -62,12 +64,46 @@ def assemble(
     if ref_log_probs:  # absent when the KL loss is off
         _join(batch, ref_log_probs, "ref_log_probs")
     _join(batch, old_log_probs, "old_log_probs")
+    return batch
+
+
+Pieces = tuple[list, list, list, list]  # one round's rollouts, rewards, ref and old log-probs (join_round)
+
+
+def assemble(
+    rounds: Iterable[Pieces],
+    keep: list[list[int]] | None,
+    norm_adv_by_std: bool,
+    overlong_filtering: bool = False,
+) -> tuple[DataProto, dict[str, float]]:
+    """The pieces of one or more generation rounds (more with algorithm.dynamic_sampling) -> (step batch
+    with token_level_rewards, ref/old log-probs, advantages and returns; diagnostics).
+
+    keep: per round, the data_index of the samples to train on, whole groups in order (None: all). GRPO
+    advantages are taken per round, before the selection: a group never spans rounds, and a prompt drawn
+    in two rounds (a small prompt pool) makes two groups, not one. The kept samples are renumbered
+    data_index 0..B-1 in round order, so the learner's equal rank slices hold whole GRPO groups. Rounds
+    are taken one at a time (`rounds` may be a generator): only the kept rows of earlier rounds stay.
+    overlong_filtering: the samples the engine cut off (non-tensor `truncated`) leave the loss (response
+    mask 0); they still counted in their group's advantages (DAPO).
+    """
+    batches = []
+    rows_of_rounds = itertools.repeat(None) if keep is None else keep
+    for pieces, rows in zip(rounds, rows_of_rounds, strict=keep is not None):  # keep: one entry per round
+        batch = join_round(*pieces)
+        t = batch.batch
+        t["advantages"] = grpo_advantages(t["token_level_rewards"], t["response_mask"], batch.non_tensor_batch["uid"],
+                                          norm_adv_by_std)
+        t["returns"] = t["advantages"]
+        if rows is None:
+            batches.append(batch)
+        elif len(rows):  # sorted and complete: row i holds data_index i
+            batches.append(batch[np.asarray(rows, dtype=np.int64)])
+    batch = concat(batches)
+    batch.non_tensor_batch["data_index"] = np.array(list(range(len(batch))), dtype=object)
 
     t = batch.batch
-    advantages = grpo_advantages(t["token_level_rewards"], t["response_mask"], batch.non_tensor_batch["uid"], norm_adv_by_std)
-    t["advantages"] = advantages
-    t["returns"] = advantages
-
+    advantages = t["advantages"]
     mask = t["response_mask"].bool()
     # The engine's log-probs of its own samples vs the learner's before the update: equal up to
     # numerics when the weight sync is right (fp32: ~1e-6; bf16 vLLM vs DeepSpeed: ~0.1).
@@ -79,15 +115,22 @@ def assemble(
         "advantages/mean": seq_adv.mean().item(),
         "advantages/abs_max": seq_adv.abs().max().item(),
     }
-    if ref_log_probs:  # how far the policy has moved from the reference: shows the sync above is not trivial
+    if "ref_log_probs" in t:  # how far the policy has moved from the reference: shows the sync above is not trivial
         stats["policy/ref_logprob_diff_max"] = (t["old_log_probs"] - t["ref_log_probs"])[mask].abs().max().item()
+    if overlong_filtering:
+        # verl has no overlong filtering (its DAPO recipe only shapes the reward): masking the response is
+        # the whole of it, since the learner's losses and their normalisers all read the response mask.
+        truncated = torch.as_tensor(batch.non_tensor_batch["truncated"].astype(bool))
+        t["response_mask"] = t["response_mask"] * (~truncated).to(t["response_mask"].dtype)[:, None]
+        stats["overlong/filtered"] = int(truncated.sum())
     return batch, stats
 
 
 def assemble_from_refs(
-    rollouts: list, rewards: list, ref_log_probs: list, old_log_probs: list, norm_adv_by_std: bool
+    rounds: list[Pieces], keep: list[list[int]] | None, norm_adv_by_std: bool, overlong_filtering: bool = False
 ) -> tuple[DataProto, dict[str, float]]:
     """`assemble` for lists of ObjectRefs (Ray resolves only top-level arguments), inside an actor."""
     import ray
 
-    return assemble(ray.get(rollouts), ray.get(rewards), ray.get(ref_log_probs), ray.get(old_log_probs), norm_adv_by_std)
+    fetched = (tuple(ray.get(list(refs)) for refs in pieces) for pieces in rounds)  # a round at a time
+    return assemble(fetched, keep, norm_adv_by_std, overlong_filtering)

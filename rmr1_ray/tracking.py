@@ -92,6 +92,8 @@ class Tracker:
             f"format {m.get('verdict/format_valid', float('nan')):.2f}",
             f"kl {m.get('actor/kl_loss', float('nan')):.4f}",
             f"len {m.get('response_length/mean', float('nan')):.0f}",
+            *([f"groups {m['dynamic_sampling/groups_kept']} ({m['dynamic_sampling/refill_rounds']} refills)"]
+              if "dynamic_sampling/groups_kept" in m else []),
             f"{m.get('perf/gen_tokens_per_s', float('nan')):,.0f} tok/s",
             f"{m.get('time/step', float('nan')):.1f} s/step",
             f"ETA {eta}",
@@ -125,7 +127,12 @@ def rollout_metrics(generated: list[dict], scored: list[dict]) -> dict[str, floa
     """Step metrics from the rollout workers' summaries and the rewarders' per-sample stats."""
     rewards = np.concatenate([s["reward"] for s in scored]).astype(float)
     lengths = np.concatenate([g["response_lengths"] for g in generated])
+    overlong = {}
+    if "overlong_penalty" in scored[0]:  # algorithm.overlong_buffer_len: part of the reward above
+        penalties = np.concatenate([s["overlong_penalty"] for s in scored]).astype(float)
+        overlong = {"overlong/penalty_mean": penalties.mean(), "overlong/penalized": int((penalties < 0).sum())}
     return {
+        **overlong,
         "reward/mean": rewards.mean(),
         "reward/std": rewards.std(),
         "verdict/accuracy": np.concatenate([s["correct"] for s in scored]).mean(),
@@ -133,6 +140,7 @@ def rollout_metrics(generated: list[dict], scored: list[dict]) -> dict[str, floa
         "response_length/mean": lengths.mean(),
         "response_length/max": lengths.max(),
         "response_length/truncated_share": sum(g["truncated"] for g in generated) / len(lengths),
+        "response_length/truncated": sum(g["truncated"] for g in generated),
         "data/num_samples": len(rewards),
         "data/num_prompts": len({uid for s in scored for uid in s["uid"]}),
         "perf/gen_tokens": int(lengths.sum()),

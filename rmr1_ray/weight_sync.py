@@ -11,8 +11,8 @@
   and broadcasts each bucket as it fills (while the next fills), in the model's dtype, a tied weight once.
   Receivers unpack a bucket into views and hand them to the engine while the next bucket arrives. A
   ZeRO-3 parameter larger than a bucket (an embedding) is never gathered whole: learner rank 0 relays
-  each rank's partition of it as it comes. Peak extra memory on learner rank 0 is two buckets (or
-  one partition), plus the small parameters being gathered: no full copy.
+  each rank's partition of it as it comes. Peak extra memory on learner rank 0 stays within two
+  buckets of `rollout.weight_sync_bucket_mb`, the parameters being gathered included: no full copy.
 
 The bucket geometry is a pure function of the layout (`plan_buckets`), computed by the sender and every
 receiver from the same `WeightLayout`, so nothing but raw bytes crosses the group.
@@ -271,7 +271,10 @@ class WeightSync:
     def __init__(self, learner: Any, rollout: Any, method: str, backend: str, bucket_bytes: int) -> None:
         self.learner, self.rollout = learner, rollout
         self.collective = method in ("collective", "nccl")
-        self.backend, self.bucket_bytes = backend, bucket_bytes
+        # rollout.weight_sync_bucket_mb is learner rank 0's budget for a collective sync: one bucket in
+        # flight, one filling and the parameters gathered into it (groups of an eighth of a bucket,
+        # PolicyLearner.send_weights) take at most 2 x 15/16 + 15/128 < 2 budgets.
+        self.backend, self.bucket_bytes = backend, bucket_bytes - bucket_bytes // 16
         self.formed_at_restarts: int | None = None
         # A restarted rollout worker loads the current weights through the object store before it works
         # again (gathered only then); a formed group cannot take it back in.

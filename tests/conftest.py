@@ -49,3 +49,22 @@ def tmpfs(tmp_path):
     yield mount
     for path in mounted:
         subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """build(dtype) -> the SmolLM2-135M-Instruct directory made by `rmr1 make-smollm2` (a subprocess: the command
+    users run), converted once per session and dtype and reused by every real-model test after that."""
+    import sys
+
+    root = tmp_path_factory.mktemp("smollm2")
+
+    def build(dtype: str = "float32") -> Path:
+        out = root / dtype
+        done = subprocess.run([sys.executable, "-m", "rmr1_ray.cli", "make-smollm2", "--out", str(out), "--dtype", dtype],
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0, f"rmr1 make-smollm2 failed:\n{done.stdout}\n{done.stderr}"
+        print(done.stdout.strip())
+        return out
+
+    return build

@@ -110,16 +110,76 @@ class RewardConfig(Strict):
 
 
 class AlgorithmConfig(Strict):
+    """GRPO and the variants the field uses on top of it (README: "GRPO variants"). The policy losses, loss
+    aggregation and advantages are verl's `core_algos` (rmr1_ray.algorithms); dynamic sampling is
+    rmr1_ray.dynamic_sampling; the overlong penalty is added by the rewarder, the overlong filter applied
+    in rmr1_ray.step_batch."""
+
     train_batch_size: int = Field(1024, ge=1, description="prompts per GRPO step")
     ppo_mini_batch_size: int = Field(128, ge=1, description="prompts per optimizer step")
-    ppo_epochs: int = Field(1, ge=1)
-    clip_ratio: float = Field(0.2, gt=0)
-    use_kl_loss: bool = True
-    kl_loss_type: Literal["kl", "abs", "mse", "low_var_kl"] = "low_var_kl"
-    kl_loss_coef: float = Field(0.001, ge=0)
-    entropy_coeff: float = Field(0.0, ge=0)
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
-    norm_adv_by_std: bool = True
+    ppo_epochs: int = Field(1, ge=1, description="passes over the step batch")
+    clip_ratio: float = Field(0.2, gt=0, description="PPO clip range eps: the ratio is clipped to [1 - eps, 1 + eps]")
+    clip_ratio_low: float | None = Field(
+        None, gt=0, lt=1, description="the lower clip range alone, 1 - clip_ratio_low (None: clip_ratio)")
+    clip_ratio_high: float | None = Field(
+        None, gt=0, description="the upper clip range alone, 1 + clip_ratio_high (None: clip_ratio); DAPO's "
+        "clip-higher: 0.28 with clip_ratio_low 0.2")
+    policy_loss: Literal["vanilla", "gspo"] = Field(
+        "vanilla", description="vanilla: PPO's token-level ratio, with verl's dual clip at 3 for A < 0; gspo: GSPO's "
+        "sequence-level ratio (the geometric mean of the tokens' ratios), clipped to the same range; the GSPO "
+        "paper uses loss_agg_mode=seq-mean-token-mean and clip ranges of ~3e-4 / 4e-4")
+    use_kl_loss: bool = Field(True, description="a KL(policy || reference) loss term (needs the reference model)")
+    kl_loss_type: Literal["kl", "abs", "mse", "low_var_kl"] = Field("low_var_kl", description="the KL estimator")
+    kl_loss_coef: float = Field(0.001, ge=0, description="weight of the KL loss")
+    entropy_coeff: float = Field(0.0, ge=0, description="weight of the entropy bonus (0: entropy is only logged)")
+    loss_agg_mode: Literal[
+        "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"
+    ] = Field("token-mean", description="how per-token losses become one (verl's agg_loss): token-mean (DAPO), "
+              "token-sum, seq-mean-token-mean (GRPO's paper, GSPO), seq-mean-token-sum, seq-mean-token-sum-norm "
+              "(Dr.GRPO: sequence sums over the constant rollout.max_new_tokens)")
+    norm_adv_by_std: bool = Field(
+        True, description="divide GRPO advantages by the group's reward std (false: Dr.GRPO, mean-centred only)")
+    overlong_filtering: bool = Field(
+        False, description="DAPO's overlong filtering: samples the engine cut off (rollout.max_new_tokens, or the "
+        "context length) are masked out of the loss; they still count in their group's advantages")
+    overlong_buffer_len: int = Field(
+        0, ge=0, description="DAPO's soft overlong punishment: a penalty that grows linearly over the last this "
+        "many tokens before rollout.max_new_tokens, down to -overlong_penalty_factor (0: off)")
+    overlong_penalty_factor: float = Field(
+        1.0, gt=0, description="the soft overlong penalty of a sample of rollout.max_new_tokens tokens (needs "
+        "overlong_buffer_len)")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling: drop prompt groups whose rewards are all equal (their "
+        "advantages are all 0) and generate more prompts until train_batch_size groups are left")
+    dynamic_sampling_max_rounds: int = Field(
+        4, ge=0, description="dynamic sampling: extra generation rounds per step at most; then the step trains on "
+        "the groups it has, in whole PPO mini-batches, or skips its update when it has none")
+
+    def clip_range(self) -> tuple[float, float]:
+        """(low, high): the ratio is clipped to [1 - low, 1 + high]; an unset bound is clip_ratio."""
+        low = self.clip_ratio if self.clip_ratio_low is None else self.clip_ratio_low
+        high = self.clip_ratio if self.clip_ratio_high is None else self.clip_ratio_high
+        return low, high
+
+    @model_validator(mode="after")
+    def _no_ignored_keys(self) -> AlgorithmConfig:
+        def changed(key: str) -> bool:
+            return getattr(self, key) != type(self).model_fields[key].default
+
+        if self.clip_ratio_low is not None and self.clip_ratio_high is not None and changed("clip_ratio"):
+            raise ValueError(f"algorithm.clip_ratio={self.clip_ratio} is not used: algorithm.clip_ratio_low and "
+                             "algorithm.clip_ratio_high are both set; remove it (or one of the two, which then takes its value)")
+        low, _ = self.clip_range()
+        if low >= 1:
+            raise ValueError(f"algorithm.clip_ratio={self.clip_ratio} is also the lower clip range, and a ratio "
+                             f"bound of 1 - {low} <= 0 clips nothing; set algorithm.clip_ratio_low below 1")
+        if not self.overlong_buffer_len and changed("overlong_penalty_factor"):
+            raise ValueError(f"algorithm.overlong_penalty_factor={self.overlong_penalty_factor} has no effect without "
+                             "the soft overlong penalty: set algorithm.overlong_buffer_len too")
+        if not self.dynamic_sampling and changed("dynamic_sampling_max_rounds"):
+            raise ValueError(f"algorithm.dynamic_sampling_max_rounds={self.dynamic_sampling_max_rounds} has no effect "
+                             "without algorithm.dynamic_sampling=true")
+        return self
 
 
 class TrainerConfig(Strict):
@@ -200,11 +260,18 @@ class TrainConfig(Strict):
             )
         self._reject_untested_paths()
         self._reference_on_learner_fits()
+        self._overlong_buffer_fits()
         if self.learner.lr_warmup_steps > self.trainer.total_steps:
             raise ValueError(
                 f"learner.lr_warmup_steps={self.learner.lr_warmup_steps} exceeds trainer.total_steps={self.trainer.total_steps}"
             )
         return self
+
+    def _overlong_buffer_fits(self) -> None:
+        buffer, max_new = self.algorithm.overlong_buffer_len, self.rollout.max_new_tokens
+        if buffer > max_new:  # as verl's DAPO reward manager asserts
+            raise ValueError(f"algorithm.overlong_buffer_len={buffer} is longer than rollout.max_new_tokens={max_new}: "
+                             "the penalty's buffer is the last tokens before rollout.max_new_tokens")
 
     def _reference_on_learner_fits(self) -> None:
         if not self.reference.on_learner:

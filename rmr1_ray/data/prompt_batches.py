@@ -1,8 +1,9 @@
 """Deterministic prompt batches for GRPO from the prepared parquet directory (`rmr1 prepare` OUT/train).
 
 Epoch e visits the rows in the order of a permutation drawn from (seed, e); a batch is the next
-`batch_size` rows of it. The position (epoch, offset) is all a checkpoint needs to continue exactly
-where a run stopped. A last partial batch of an epoch is dropped (every step has the same size).
+`batch_size` rows of it (or fewer: dynamic sampling's refill rounds). The position (epoch, offset) is all
+a checkpoint needs to continue exactly where a run stopped. A batch never spans two epochs: rows left at
+the end of an epoch that a batch does not fit into are skipped (every step has the same size).
 
 The table is memory-mapped Arrow, and a batch takes only its rows, so the driver stays small even for
 long prompts. Prepared parquet holds at least: uid, messages (the judge's chat messages), winner.
@@ -79,20 +80,24 @@ class PromptBatches:
             return np.arange(self.table.num_rows)
         return np.random.default_rng([self.seed, epoch]).permutation(self.table.num_rows)
 
-    def next(self) -> DataProto:
-        """The next batch: non-tensor messages, uid, winner and data_index (0..batch_size-1, the
-        prompt's place in the step batch); meta_info epoch and offset of its first row."""
+    def next(self, size: int | None = None) -> DataProto:
+        """The next batch of `size` prompts (default batch_size; dynamic sampling's refill rounds ask for
+        fewer): non-tensor messages, uid, winner and data_index (0..size-1, the prompt's place in its
+        batch); meta_info epoch and offset of its first row. A batch never spans two epochs."""
+        size = self.batch_size if size is None else size
+        if not 0 < size <= self.batch_size:
+            raise ValueError(f"a prompt batch holds 1..{self.batch_size} prompts, not {size}")
         epoch, offset = self.position.epoch, self.position.offset
-        if offset + self.batch_size > self.table.num_rows:
+        if offset + size > self.table.num_rows:
             epoch, offset = epoch + 1, 0
-        rows = self.table.take(self._order(epoch)[offset : offset + self.batch_size]).to_pydict()
-        self.position = DataPosition(epoch, offset + self.batch_size)
+        rows = self.table.take(self._order(epoch)[offset : offset + size]).to_pydict()
+        self.position = DataPosition(epoch, offset + size)
         return DataProto.from_dict(
             non_tensors={
                 "messages": _object_array(rows["messages"]),
                 "uid": _object_array(rows["uid"]),
                 "winner": _object_array(rows["winner"]),
-                "data_index": _object_array(list(range(self.batch_size))),
+                "data_index": _object_array(list(range(size))),
             },
             meta_info={"epoch": epoch, "offset": offset},
         )

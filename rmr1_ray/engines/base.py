@@ -63,7 +63,9 @@ def response_texts(tokenizer: Any, batch: DataProto) -> list[tuple[str, int]]:
 class GenerationEngine(Protocol):
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> DataProto:
         """len(prompt_token_ids) * params.n sequences, the n samples of a prompt contiguous; the batch
-        has the tensor keys of pad_and_assemble plus rollout_log_probs, and meta_info temperature."""
+        has the tensor keys of pad_and_assemble plus rollout_log_probs, non-tensor `truncated` (the
+        engine cut the sample off at max_new_tokens or its context length, rather than it ending on an
+        end token or stop string), and meta_info temperature."""
         ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

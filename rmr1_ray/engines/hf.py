@@ -112,12 +112,14 @@ class HFEngine:
             ],
             dim=1,
         )
-        lengths = torch.where(recorder.lengths < 0, tokens.shape[1], recorder.lengths).tolist()
+        truncated = recorder.lengths < 0  # never stopped: cut off at max_new_tokens
+        lengths = torch.where(truncated, tokens.shape[1], recorder.lengths).tolist()
         return pad_and_assemble(
             prompts,
             [tokens[i, :n].tolist() for i, n in enumerate(lengths)],
             self.pad_id,
             rollout_log_probs=[log_probs[i, :n].tolist() for i, n in enumerate(lengths)],
+            non_tensors={"truncated": truncated.tolist()},
             meta_info={"temperature": params.temperature},
         )
 

@@ -153,15 +153,17 @@ class VLLMEngine:
             )
         outputs = self._llm().generate(requests, sampling, use_tqdm=False)
 
-        prompts, responses, log_probs = [], [], []
+        prompts, responses, log_probs, truncated = [], [], [], []
         for ids, request in zip(prompt_token_ids, outputs, strict=True):
             for sample in sorted(request.outputs, key=lambda c: c.index):  # the n samples of a prompt, in order
                 tokens = list(sample.token_ids)
                 prompts.append(list(ids))
                 responses.append(tokens)
                 log_probs.append([step[token].logprob for token, step in zip(tokens, sample.logprobs, strict=True)])
+                truncated.append(sample.finish_reason == "length")  # max_tokens or the context length
         return pad_and_assemble(
-            prompts, responses, self.pad_id, rollout_log_probs=log_probs, meta_info={"temperature": params.temperature}
+            prompts, responses, self.pad_id, rollout_log_probs=log_probs, non_tensors={"truncated": truncated},
+            meta_info={"temperature": params.temperature},
         )
 
     def _check_filters(self, params: SamplingParams) -> None:

@@ -70,11 +70,14 @@ def test_stop_strings_and_stop_token_ids_end_a_sample(engine, prompts):
             cut_any = True
         else:
             assert decode(ids) == before
+        # truncated: cut off at max_new_tokens (the random tiny model never writes its EOS in 24 tokens)
+        assert free.non_tensor_batch["truncated"][i] and stopped.non_tensor_batch["truncated"][i] == ("e" not in before)
     assert cut_any
     greedy = engine.generate(prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=8))
     first = greedy.batch["responses"][0, 0].item()
     cut = engine.generate(prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=8, stop_token_ids=(first,)))
     assert cut.batch["responses"][0].tolist() == [first] and cut.batch["response_mask"].sum() == 1
+    assert cut.non_tensor_batch["truncated"].tolist() == [False]  # ended on its stop token
 
 
 def test_load_weights_replaces_the_model(engine, prompts):

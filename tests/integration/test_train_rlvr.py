@@ -9,6 +9,9 @@ a restarted worker and a resumed run must reproduce the numbers exactly (up to f
 
 A random tiny judge never writes a verdict, so every reward is -1 and GRPO's advantages are 0; the
 tiny config's entropy bonus gives the update a gradient, so weights, the KL term and the sync move.
+The GRPO variants (algorithm.*: clip-higher, GSPO, the overlong penalty and filter, dynamic sampling)
+get two launches of their own: one where a stop string makes the penalised rewards differ within
+groups, and one where nothing differs, so dynamic sampling has no group to train on.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
+import torch
 import yaml
 from safetensors.torch import load_file
 from servers import write_prompt_rows
@@ -242,3 +247,98 @@ def test_reference_on_the_learner_ranks_trains_as_the_reference_group(run, refer
     for step in (1, 2):
         for key in DETERMINISTIC:
             assert on_learner[step][key] == pytest.approx(with_group[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+# --- GRPO variants (algorithm.*) ---------------------------------------------------------------------
+
+# GSPO with its paper's clip ranges (sequence ratios stay close to 1), higher above than below
+VARIANTS = ["algorithm.clip_ratio_low=0.0003", "algorithm.clip_ratio_high=0.0004", "algorithm.policy_loss=gspo",
+            "algorithm.loss_agg_mode=seq-mean-token-mean",
+            "algorithm.overlong_filtering=true", "algorithm.overlong_buffer_len=4", "algorithm.overlong_penalty_factor=0.5",
+            "algorithm.dynamic_sampling=true", "tracking.wandb_mode=disabled", "trainer.save_every=0"]
+
+
+def penalty(tokens: int, max_new_tokens: int) -> float:
+    """DAPO's soft overlong penalty with the buffer 4 and factor 0.5 of VARIANTS."""
+    return min(-(tokens - (max_new_tokens - 4)) / 4 * 0.5, 0.0)
+
+
+def dropped_groups(out: Path) -> list[dict]:
+    path = out / "dropped_groups.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def variants(cluster, tiny, train_dir, tmp_path_factory) -> Path:
+    """2 steps with DAPO's clip-higher, GSPO's loss, overlong penalty and filtering, and dynamic sampling.
+    A stop string the random judge often writes ends its samples at varied lengths, some cut off at 8
+    tokens: the penalty makes rewards differ within most groups, and not within some."""
+    out = tmp_path_factory.mktemp("variants")
+    assert main(args(tiny, train_dir, out, *VARIANTS, "algorithm.dynamic_sampling_max_rounds=2", "rollout.stop=[a]",
+                     "rollout.max_new_tokens=8", "trainer.total_steps=2")) == 0
+    return out
+
+
+def test_grpo_variants_train_on_the_groups_with_varied_rewards(variants):
+    logged, dropped = metrics(variants), dropped_groups(variants)
+    for step in (1, 2):
+        row = logged[step]
+        samples = [json.loads(line) for line in (variants / "samples" / f"step_{step:06d}.jsonl").read_text().splitlines()]
+        # every generated sample: reward = the verdict's -1 + the soft overlong penalty of its length
+        assert len(samples) == row["data/num_samples"] == row["dynamic_sampling/groups_generated"] * N
+        for s in samples:
+            assert s["reward"] == pytest.approx(-1.0 + penalty(s["response_tokens"], 8)), s
+            assert s["response_tokens"] == 8 or not s["truncated"]  # cut off at max_new_tokens, or ended by "a"
+        assert row["overlong/penalty_mean"] == pytest.approx(np.mean([s["reward"] + 1 for s in samples]))
+        assert row["overlong/penalized"] == sum(s["response_tokens"] > 4 for s in samples)
+        assert row["response_length/truncated"] == sum(s["truncated"] for s in samples)
+
+        # groups: kept + dropped = generated; a dropped group is in dropped_groups.jsonl with its reason
+        mine = [d for d in dropped if d["step"] == step]
+        kept = row["dynamic_sampling/groups_kept"]
+        assert kept + len(mine) == row["dynamic_sampling/groups_generated"]
+        assert row["dynamic_sampling/groups_filtered"] == sum(d["reason"] == "equal_rewards" for d in mine)
+        assert all(len(set(d["rewards"])) == 1 for d in mine if d["reason"] == "equal_rewards")
+        groups = {}
+        for s in samples:
+            groups.setdefault((s["round"], s["uid"]), []).append(s)
+        varied = {key for key, group in groups.items() if len({s["reward"] for s in group}) > 1}
+        assert row["dynamic_sampling/groups_filtered"] == len(groups) - len(varied)
+        # a full batch, or after the last round whole PPO mini-batches of 2 prompts
+        assert kept == (PROMPTS if len(varied) >= PROMPTS else len(varied) - len(varied) % 2)
+
+        # overlong filtering: the kept samples that were cut off are out of the loss
+        dropped_keys = {(d["round"], d["uid"]) for d in mine}
+        trained = [s for key, group in groups.items() if key not in dropped_keys for s in group]
+        assert len(trained) == kept * N and row["overlong/filtered"] == sum(s["truncated"] for s in trained)
+
+        # the update ran with clip-higher and GSPO: the two bounds' clip fractions add up to verl's one
+        assert row["dynamic_sampling/skipped_update"] == 0 and row["actor/grad_norm"] > 0
+        assert row["actor/pg_clipfrac_high"] + row["actor/pg_clipfrac_low"] == pytest.approx(row["actor/pg_clipfrac"])
+        assert row["actor/pg_clipfrac_lower"] == 0.0  # GSPO has no dual clip
+        assert row["time/update"] > 0 and row["time/sync"] > 0
+    assert any(logged[step]["dynamic_sampling/groups_filtered"] for step in (1, 2))  # the filter did filter
+    assert any(logged[step]["actor/pg_clipfrac"] > 0 for step in (1, 2))  # and the clip did clip
+    saved = yaml.safe_load((variants / "config.resolved.yaml").read_text())["algorithm"]
+    assert (saved["clip_ratio_low"], saved["clip_ratio_high"], saved["policy_loss"]) == (0.0003, 0.0004, "gspo")
+
+
+def test_dynamic_sampling_without_any_varied_group_skips_the_update(cluster, tiny, train_dir, tmp_path, capsys):
+    """The random judge never ends a sample before max_new_tokens and never writes a verdict: every
+    sample's reward is -1 - 0.5, every group is filtered, in the first round and the one refill round.
+    The step then trains on nothing: it says so, skips the update and the sync, and the run ends normally."""
+    assert main(args(tiny, train_dir, tmp_path, *VARIANTS, "algorithm.dynamic_sampling_max_rounds=1",
+                     "trainer.total_steps=1", "tracking.samples_table_every=0")) == 0
+    row = metrics(tmp_path)[1]
+    assert row["reward/mean"] == pytest.approx(-1.5) and row["reward/std"] == 0.0
+    assert row["overlong/penalized"] == row["response_length/truncated"] == 2 * PROMPTS * N
+    assert (row["dynamic_sampling/refill_rounds"], row["dynamic_sampling/groups_generated"],
+            row["dynamic_sampling/groups_filtered"], row["dynamic_sampling/groups_kept"],
+            row["dynamic_sampling/skipped_update"]) == (1, 2 * PROMPTS, 2 * PROMPTS, 0, 1)
+    assert row["actor/lr"] == pytest.approx(1e-3)
+    assert not [key for key in row if key.startswith(("actor/pg_", "time/update", "time/sync", "overlong/filtered"))]
+    assert "update skipped" in capsys.readouterr().out
+    assert [(d["round"], d["reason"]) for d in dropped_groups(tmp_path)] == [(0, "equal_rewards")] * PROMPTS + \
+        [(1, "equal_rewards")] * PROMPTS
+    before, after = load_file(tiny / "model.safetensors"), load_file(tmp_path / "final" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was trained

@@ -75,6 +75,7 @@ def assert_same_generations(a, b) -> None:
     assert a.batch["responses"].tolist() == b.batch["responses"].tolist()
     assert a.batch["response_mask"].tolist() == b.batch["response_mask"].tolist()
     assert a.batch["prompts"].tolist() == b.batch["prompts"].tolist()
+    assert a.non_tensor_batch["truncated"].tolist() == b.non_tensor_batch["truncated"].tolist()
 
 
 def use_weights(engine, hf: HFEngine, state: dict[str, np.ndarray]) -> None:
@@ -195,6 +196,8 @@ def test_stop_token_ids_and_stop_strings(engine, hf, prompts, original_state):
     by_id = engine.generate(prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=24, stop_token_ids=(stop_token,)))
     n = int(by_id.batch["response_mask"][0].sum())
     assert by_id.batch["responses"][0, :n].tolist() == tokens[: tokens.index(stop_token) + 1]
+    # cut off at max_new_tokens (overlong filtering's signal) vs ended by a stop token
+    assert free.non_tensor_batch["truncated"].tolist() == [True] and by_id.non_tensor_batch["truncated"].tolist() == [False]
 
     text = hf.tokenizer.decode(tokens[6:9])
     stop = SamplingParams(temperature=0.0, max_new_tokens=24, stop=(text.strip()[:3],))

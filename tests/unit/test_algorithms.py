@@ -70,30 +70,143 @@ def test_policy_loss_hand_case_clipping_and_dual_clip():
     assert metrics["actor/ppo_kl"] == pytest.approx(-ratio.log().mean().item())
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
-def test_policy_loss_equals_verl(mode):
+AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"]
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("clip", [0.2, (0.2, 0.28)], ids=["symmetric", "clip-higher"])
+def test_policy_loss_equals_verl(mode, clip):
     old, new, _, adv, mask = random_case(seed=2)
-    loss, metrics = algo.policy_loss(old, new, adv, mask, clip_ratio=0.2, loss_agg_mode=mode)
+    old, new, adv, mask = old * 3, new * 3, adv, mask  # wider ratios: both bounds clip some tokens
+    loss, metrics = algo.policy_loss(old, new, adv, mask, clip_ratio=clip, loss_agg_mode=mode)
+    low, high = (clip, clip) if isinstance(clip, float) else clip
     with pytest.warns(Warning):  # verl deprecated its function-style API; it is the reference here
-        expected, clipfrac, ppo_kl, _ = core_algos.compute_policy_loss(old, new, adv, mask, cliprange=0.2, loss_agg_mode=mode)
+        expected, clipfrac, ppo_kl, dual = core_algos.compute_policy_loss(
+            old, new, adv, mask, cliprange=0.2, cliprange_low=low, cliprange_high=high, loss_agg_mode=mode)
     torch.testing.assert_close(loss, expected)
     assert metrics["actor/pg_clipfrac"] == pytest.approx(clipfrac.item())
+    assert metrics["actor/pg_clipfrac_lower"] == pytest.approx(dual.item())
     assert metrics["actor/ppo_kl"] == pytest.approx(ppo_kl.item())
+    # the two bounds counted apart add up to verl's one clip fraction
+    assert metrics["actor/pg_clipfrac_high"] > 0 and metrics["actor/pg_clipfrac_low"] > 0
+    assert metrics["actor/pg_clipfrac_high"] + metrics["actor/pg_clipfrac_low"] == pytest.approx(clipfrac.item())
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_clip_higher_hand_case():
+    """DAPO's clip-higher: a ratio of 1.25 with A > 0 is clipped at 1 + 0.2, not at 1 + 0.28; the lower
+    bound stays at 1 - 0.2."""
+    ratio = torch.tensor([[1.25, 1.5, 0.7]])
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    old, mask = torch.zeros(1, 3), torch.ones(1, 3)
+    symmetric, m_sym = algo.policy_loss(old, ratio.log(), adv, mask, clip_ratio=0.2)
+    higher, m_high = algo.policy_loss(old, ratio.log(), adv, mask, clip_ratio=(0.2, 0.28))
+    assert symmetric.item() == pytest.approx((-1.2 - 1.2 + 0.8) / 3)
+    assert higher.item() == pytest.approx((-1.25 - 1.28 + 0.8) / 3)
+    assert (m_sym["actor/pg_clipfrac_high"], m_sym["actor/pg_clipfrac_low"]) == pytest.approx((2 / 3, 1 / 3))
+    assert (m_high["actor/pg_clipfrac_high"], m_high["actor/pg_clipfrac_low"]) == pytest.approx((1 / 3, 1 / 3))
+
+
+@pytest.mark.parametrize("mode", ["seq-mean-token-mean", "token-mean"])
+def test_gspo_loss_equals_verl(mode):
+    from verl.workers.config.actor import ActorConfig
+
+    old, new, _, adv, mask = random_case(seed=6)
+    new = old + (new - old) * 2
+    loss, metrics = algo.policy_loss(old, new, adv, mask, (0.1, 0.15), mode, loss_mode="gspo")
+    config = ActorConfig(strategy="deepspeed", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio_low=0.1,
+                         clip_ratio_high=0.15, loss_agg_mode=mode,
+                         global_batch_info={"dp_size": 1, "batch_num_tokens": None, "global_batch_size": None})
+    expected, verl_metrics = core_algos.compute_policy_loss_gspo(old, new, adv, mask, mode, config)
+    torch.testing.assert_close(loss, expected)
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(verl_metrics["actor/pg_clipfrac"])
+    assert metrics["actor/pg_clipfrac_high"] + metrics["actor/pg_clipfrac_low"] == pytest.approx(
+        verl_metrics["actor/pg_clipfrac"])
+    assert metrics["actor/pg_clipfrac_lower"] == 0.0  # GSPO has no dual clip
+
+
+def test_gspo_hand_case_sequence_ratio_and_gradient():
+    """GSPO: one ratio per sequence, exp(mean token log-ratio), clipped as a whole; each token's gradient
+    is the sequence's share, s_i * A_i / |y_i| (seq-mean-token-mean: then / G)."""
+    old = torch.zeros(2, 2)
+    new = torch.tensor([[0.1, 0.3], [-0.5, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
+    loss, metrics = algo.policy_loss(old, new, adv, mask, (0.2, 0.28), "seq-mean-token-mean", loss_mode="gspo")
+    s0, s1 = math.exp(0.2), math.exp(-0.5)  # 1.221 (inside 1.28), 0.607 (below 1 - 0.2: clipped to 0.8)
+    assert s1 < 0.8 and loss.item() == pytest.approx((-s0 + 0.8) / 2, rel=1e-6)
+    loss.backward()
+    torch.testing.assert_close(new.grad, torch.tensor([[-s0 / 2 / 2, -s0 / 2 / 2], [0.0, 0.0]]))
+    assert (metrics["actor/pg_clipfrac_high"], metrics["actor/pg_clipfrac_low"]) == pytest.approx((0.0, 1 / 3))
+    # with the symmetric 0.2 the first sequence is clipped too, at 1.2, and has no gradient
+    loss, metrics = algo.policy_loss(old, new.detach(), adv, mask, 0.2, "seq-mean-token-mean", loss_mode="gspo")
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2) and metrics["actor/pg_clipfrac_high"] == pytest.approx(2 / 3)
+
+
+def test_dr_grpo_hand_case():
+    """Dr.GRPO: advantages only mean-centred (norm_adv_by_std=false) and sequence sums over one constant
+    (seq-mean-token-sum-norm with the longest possible response), so longer answers are not discounted."""
+    rewards = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # group "a": a right one of 2 tokens ...
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    rewards[1, 0] = -1.0  # ... and a wrong one of 1 token
+    adv = algo.grpo_advantages(rewards, mask, ["a", "a"], norm_by_std=False)
+    assert adv[:, 0].tolist() == [1.0, -1.0]  # mean 0, no division by the std
+    zeros = torch.zeros(2, 3)
+    loss, _ = algo.policy_loss(zeros, zeros, adv, mask, 0.2, "seq-mean-token-sum-norm", loss_scale_factor=8)
+    # ratio 1: -(1/G) sum_i A_i |y_i| / 8 = -(1 * 2 - 1 * 1) / 2 / 8
+    assert loss.item() == pytest.approx(-(2 - 1) / 2 / 8)
+    plain, _ = algo.policy_loss(zeros, zeros, adv, mask, 0.2, "seq-mean-token-sum")
+    assert loss.item() == pytest.approx(plain.item() / 8)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
 def test_sharded_loss_shares_sum_to_the_full_batch_loss(mode):
     """What the learner relies on: per-micro-batch losses with global normalisers, divided by the
     number of ranks and summed, equal the loss of the whole mini-batch."""
     old, new, ref, adv, mask = random_case(seed=3, batch=8)
     world = 2
     tokens, sequences = mask.sum().item(), (mask.sum(-1) > 0).sum().item()
-    share = {"dp_size": world, "batch_num_tokens": tokens, "global_batch_size": sequences}
+    share = {"dp_size": world, "batch_num_tokens": tokens, "global_batch_size": sequences, "loss_scale_factor": 7}
     parts = [slice(i, i + 2) for i in range(0, 8, 2)]  # 2 ranks x 2 micro-batches of 2
-    pg = sum(algo.policy_loss(old[s], new[s], adv[s], mask[s], 0.2, mode, **share)[0] for s in parts) / world
+    for loss_mode in ("vanilla", "gspo"):
+        pg = sum(algo.policy_loss(old[s], new[s], adv[s], mask[s], (0.2, 0.3), mode, loss_mode=loss_mode, **share)[0]
+                 for s in parts) / world
+        full = algo.policy_loss(old, new, adv, mask, (0.2, 0.3), mode, loss_mode=loss_mode, loss_scale_factor=7)[0]
+        torch.testing.assert_close(pg, full)
     kl = sum(algo.kl_loss(new[s], ref[s], mask[s], "low_var_kl", mode, **share) for s in parts) / world
-    torch.testing.assert_close(pg, algo.policy_loss(old, new, adv, mask, 0.2, mode)[0])
-    torch.testing.assert_close(kl, algo.kl_loss(new, ref, mask, "low_var_kl", mode))
+    torch.testing.assert_close(kl, algo.kl_loss(new, ref, mask, "low_var_kl", mode, loss_scale_factor=7))
+
+
+# --- overlong reward shaping ----------------------------------------------------------------------
+
+
+def test_overlong_penalty_equals_verls_dapo_reward_manager():
+    """DAPO's soft overlong punishment against verl's DAPORewardManager (its reward with a score of 0 is
+    the penalty alone), for lengths around the buffer [max - buffer, max]."""
+    from types import SimpleNamespace
+
+    from verl import DataProto
+    from verl.workers.reward_manager.dapo import DAPORewardManager
+
+    max_len, buffer, factor = 16, 6, 0.5
+    lengths = [1, 9, 10, 11, 13, 15, 16]
+    prompts = torch.ones(len(lengths), 3, dtype=torch.long)
+    response_mask = (torch.arange(max_len)[None] < torch.tensor(lengths)[:, None]).long()
+    batch = DataProto.from_dict(
+        tensors={"prompts": prompts, "responses": torch.ones(len(lengths), max_len, dtype=torch.long),
+                 "attention_mask": torch.cat([torch.ones_like(prompts), response_mask], dim=1)},
+        non_tensors={"reward_model": np.array([{"ground_truth": ""}] * len(lengths), dtype=object),
+                     "data_source": np.array(["x"] * len(lengths), dtype=object)},
+    )
+    manager = DAPORewardManager(
+        tokenizer=SimpleNamespace(decode=lambda ids, skip_special_tokens=True: "", eos_token="</s>"),
+        num_examine=0, compute_score=lambda **_: 0.0, max_resp_len=max_len,
+        overlong_buffer_cfg=SimpleNamespace(enable=True, len=buffer, penalty_factor=factor, log=False),
+    )
+    expected = manager(batch).sum(-1)
+    penalty = algo.overlong_penalty(torch.tensor(lengths), max_len, buffer, factor)
+    torch.testing.assert_close(penalty, expected)
+    # worked out: 0 up to 16 - 6 = 10 tokens, then -0.5 * (length - 10) / 6, down to -0.5 at 16
+    assert penalty.tolist() == pytest.approx([0, 0, 0, -0.5 / 6, -1.5 / 6, -2.5 / 6, -0.5])
 
 
 # --- KL, entropy, aggregation ---------------------------------------------------------------------

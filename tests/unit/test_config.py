@@ -163,3 +163,51 @@ def test_reference_on_learner_has_no_group_and_needs_the_kl_loss_and_zero3(train
         load_config(TrainConfig, train_yaml(), ["reference.on_learner=true", "algorithm.use_kl_loss=false"])
     with pytest.raises(ConfigError, match="needs learner.zero_stage=3 \\(got 2\\)"):
         load_config(TrainConfig, train_yaml(), ["reference.on_learner=true", "learner.zero_stage=2"])
+
+
+def test_grpo_variant_keys(train_yaml):
+    """algorithm.*: DAPO (clip-higher, overlong penalty and filtering, dynamic sampling), Dr.GRPO, GSPO."""
+    plain = load_config(TrainConfig, train_yaml()).algorithm
+    assert plain.clip_range() == (0.2, 0.2) and plain.policy_loss == "vanilla" and not plain.dynamic_sampling
+    dapo = load_config(TrainConfig, train_yaml(), [
+        "algorithm.clip_ratio_high=0.28", "algorithm.overlong_buffer_len=4", "algorithm.overlong_penalty_factor=0.5",
+        "algorithm.overlong_filtering=true", "algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_max_rounds=2",
+    ]).algorithm
+    assert dapo.clip_range() == (0.2, 0.28)  # an unset bound is clip_ratio
+    assert (dapo.overlong_buffer_len, dapo.overlong_penalty_factor, dapo.dynamic_sampling_max_rounds) == (4, 0.5, 2)
+    assert load_config(TrainConfig, train_yaml(), ["algorithm.clip_ratio=0.3", "algorithm.clip_ratio_low=0.1"]
+                       ).algorithm.clip_range() == (0.1, 0.3)
+    dr_grpo = load_config(TrainConfig, train_yaml(), ["algorithm.norm_adv_by_std=false",
+                                                      "algorithm.loss_agg_mode=seq-mean-token-sum-norm"]).algorithm
+    assert dr_grpo.loss_agg_mode == "seq-mean-token-sum-norm" and not dr_grpo.norm_adv_by_std
+    gspo = load_config(TrainConfig, train_yaml(), ["algorithm.policy_loss=gspo",
+                                                   "algorithm.loss_agg_mode=seq-mean-token-mean"]).algorithm
+    assert gspo.policy_loss == "gspo"
+    assert load_config(TrainConfig, train_yaml(), ["algorithm.loss_agg_mode=token-sum"]).algorithm.loss_agg_mode == "token-sum"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    # a key that would be accepted and ignored
+    (["algorithm.clip_ratio=0.3", "algorithm.clip_ratio_low=0.1", "algorithm.clip_ratio_high=0.2"],
+     "algorithm.clip_ratio=0.3 is not used: algorithm.clip_ratio_low and algorithm.clip_ratio_high are both set"),
+    (["algorithm.overlong_penalty_factor=0.5"],
+     "algorithm.overlong_penalty_factor=0.5 has no effect without the soft overlong penalty: set algorithm.overlong_buffer_len"),
+    (["algorithm.dynamic_sampling_max_rounds=2"],
+     "algorithm.dynamic_sampling_max_rounds=2 has no effect without algorithm.dynamic_sampling=true"),
+    # impossible values
+    (["algorithm.clip_ratio=1.5"], "algorithm.clip_ratio=1.5 is also the lower clip range"),
+    (["algorithm.clip_ratio_low=1.0"], r"bad value for 'algorithm\.clip_ratio_low'"),
+    (["algorithm.overlong_buffer_len=9", "rollout.max_new_tokens=8"],
+     "algorithm.overlong_buffer_len=9 is longer than rollout.max_new_tokens=8"),
+    (["algorithm.policy_loss=grpo"], r"bad value for 'algorithm\.policy_loss'"),
+    (["algorithm.loss_agg_mode=seq-sum"], r"bad value for 'algorithm\.loss_agg_mode'"),
+])
+def test_grpo_variant_keys_reject_ignored_and_impossible_settings_by_name(train_yaml, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, train_yaml(), overrides)
+
+
+def test_grpo_variant_keys_round_trip_through_the_resolved_config(tmp_path, train_yaml):
+    """The resolved config holds every key at its value, defaults included: it must load again as it is."""
+    cfg = load_config(TrainConfig, train_yaml(), ["algorithm.clip_ratio_low=0.1", "algorithm.clip_ratio_high=0.3"])
+    assert load_config(TrainConfig, save_resolved(cfg, tmp_path / "run")) == cfg

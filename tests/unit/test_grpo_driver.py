@@ -162,7 +162,7 @@ def test_assemble_joins_pieces_by_data_index_and_normalises_per_group():
         rewards.append(with_data_index({"token_level_rewards": t}, like=b))
     old = [piece(first, "old_log_probs", -1.0), piece(second, "old_log_probs", -1.0)]
     ref = [piece(second, "ref_log_probs", -2.0), piece(first, "ref_log_probs", -2.0)]
-    batch, stats = assemble([first, second], rewards, ref, old, norm_adv_by_std=True)
+    batch, stats = assemble([([first, second], rewards, ref, old)], None, norm_adv_by_std=True)
     assert list(batch.non_tensor_batch["data_index"]) == [0, 1, 2, 3]
     assert batch.batch["responses"].shape == (4, 3)
     adv = batch.batch["advantages"][:, 0].tolist()
@@ -182,7 +182,7 @@ def test_assemble_takes_ref_and_old_log_probs_from_the_same_pieces():
         shape = b.batch["responses"].shape
         both.append(with_data_index({"old_log_probs": torch.full(shape, -1.0), "ref_log_probs": torch.full(shape, ref)},
                                     like=b))
-    batch, stats = assemble([first, second], rewards, both, both, norm_adv_by_std=True)
+    batch, stats = assemble([([first, second], rewards, both, both)], None, norm_adv_by_std=True)
     assert batch.batch["ref_log_probs"][:, 0].tolist() == [-1.25, -1.25, -1.5, -1.5]
     assert stats["policy/ref_logprob_diff_max"] == 0.5 and stats["rollout/logprob_diff_max"] == 0.0
 
@@ -191,11 +191,11 @@ def test_assemble_refuses_a_lost_or_repeated_sample():
     batch = rollout_batch([0, 1], lambda i: "p", [1, 1])
     twice = rollout_batch([1], lambda i: "p", [1])
     with pytest.raises(ValueError, match="repeated"):
-        assemble([batch, twice], [piece(batch, "token_level_rewards", 0.0)], [],
-                 [piece(batch, "old_log_probs", 0.0)], True)
+        assemble([([batch, twice], [piece(batch, "token_level_rewards", 0.0)], [],
+                   [piece(batch, "old_log_probs", 0.0)])], None, True)
     with pytest.raises(ValueError, match=r"old_log_probs.*missing \[1\]"):
-        assemble([batch], [piece(batch, "token_level_rewards", 0.0)], [],
-                 [piece(batch[[0]], "old_log_probs", 0.0)], True)
+        assemble([([batch], [piece(batch, "token_level_rewards", 0.0)], [],
+                   [piece(batch[[0]], "old_log_probs", 0.0)])], None, True)
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
@@ -219,3 +219,43 @@ def test_checkpoints_are_renamed_when_complete_and_pruned(tmp_path):
     assert state["step"] == 3 and state["data"] == {"epoch": 0, "offset": 12}
     assert set(state["rng"]) == {"python", "numpy", "torch"}
     json.dumps(state)  # plain JSON all the way down
+
+
+def scored_round(batch, rewards: list[float]):
+    """A round's rewards piece, with `rewards` on each sample's last response token."""
+    t = torch.zeros(batch.batch["responses"].shape)
+    t[torch.arange(len(batch)), batch.batch["response_mask"].sum(-1) - 1] = torch.tensor(rewards)
+    return with_data_index({"token_level_rewards": t}, like=batch)
+
+
+def test_assemble_keeps_the_chosen_groups_of_every_round():
+    """Dynamic sampling: two rounds with the same uid (a prompt drawn again in a new epoch) stay two
+    groups; the kept samples are renumbered 0..B-1 in round order."""
+    first = rollout_batch([0, 1, 2, 3], lambda i: "pa" if i < 2 else "pb", [1, 2, 1, 2])
+    second = rollout_batch([0, 1], lambda i: "pa", [3, 3])
+    rounds = [([first], [scored_round(first, [1.0, -1.0, 1.0, 1.0])], [], [piece(first, "old_log_probs", -1.0)]),
+              ([second], [scored_round(second, [1.0, 0.0])], [], [piece(second, "old_log_probs", -1.0)])]
+    batch, _ = assemble(rounds, [[0, 1], [0, 1]], norm_adv_by_std=False)  # round 0's "pb" (all equal) dropped
+    assert list(batch.non_tensor_batch["data_index"]) == [0, 1, 2, 3]
+    assert list(batch.non_tensor_batch["uid"]) == ["pa"] * 4
+    assert batch.batch["response_mask"].sum(-1).tolist() == [1, 2, 3, 3]
+    # advantages per round: round 0's "pa" is +-1, round 1's "pa" is +-0.5 (not one group of four)
+    assert batch.batch["advantages"][:, 0].tolist() == pytest.approx([1.0, -1.0, 0.5, -0.5])
+    only_second, _ = assemble(rounds, [[], [0, 1]], norm_adv_by_std=False)  # a round may keep nothing
+    assert list(only_second.non_tensor_batch["data_index"]) == [0, 1]
+    assert only_second.batch["advantages"][:, 0].tolist() == pytest.approx([0.5, -0.5])
+    with pytest.raises(ValueError, match="shorter"):  # keep names fewer rounds than the step has
+        assemble(rounds, [[0, 1]], norm_adv_by_std=False)
+
+
+def test_overlong_filtering_masks_truncated_samples_out_of_the_loss():
+    batch = rollout_batch([0, 1, 2, 3], lambda i: "p", [3, 1, 3, 2])
+    batch.non_tensor_batch["truncated"] = np.array([True, False, True, False], dtype=object)
+    rounds = [([batch], [scored_round(batch, [-1.0, 1.0, -1.0, 1.0])], [], [piece(batch, "old_log_probs", -1.0)])]
+    kept, stats = assemble(rounds, None, norm_adv_by_std=True, overlong_filtering=True)
+    assert kept.batch["response_mask"].sum(-1).tolist() == [0, 1, 0, 2] and stats["overlong/filtered"] == 2
+    # the truncated samples still count in their group's advantages (DAPO), only their loss is masked
+    plain, _ = assemble(rounds, None, norm_adv_by_std=True)
+    assert kept.batch["advantages"][:, 0].tolist() == plain.batch["advantages"][:, 0].tolist()
+    assert plain.batch["advantages"][:, 0].tolist() == pytest.approx([-0.866, 0.866, -0.866, 0.866], abs=1e-3)
+    assert "overlong/filtered" not in assemble(rounds, None, norm_adv_by_std=True)[1]
