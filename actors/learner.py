@@ -279,14 +279,18 @@ class PolicyLearner:
         workers, which call receive_weights at the same time. Returns the bytes sent."""
         start = time.perf_counter()
         group = self.weight_group if self.rank == 0 else None
+        # gathered a few parameters at a time (an eighth of a bucket), so that they add little to the buckets
+        tensors = full_tensors(self.engine, self.rank, group_bytes=bucket_bytes // 8, relay_above=bucket_bytes)
         try:
-            # gathered a few parameters at a time (an eighth of a bucket), so that they add little to the buckets
-            tensors = full_tensors(self.engine, self.rank, group_bytes=bucket_bytes // 8, relay_above=bucket_bytes)
             sent = send_weights(tensors, self.weight_layout(), group, bucket_bytes)
         except Exception:
             if group is not None:  # a receiver is gone: break the others' wait instead of leaving them hanging
                 group.close()
                 self.weight_group = None
+                # The other learner ranks still gather and relay to this one: finish the walk with them, or
+                # they wait forever (and the next collective of this group would pair with the wrong call).
+                for _ in tensors:
+                    pass
             raise
         self.timings["send_weights_s"] = time.perf_counter() - start
         return sent
