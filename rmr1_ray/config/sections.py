@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -60,6 +60,14 @@ class ClusterConfig(Strict):
     omp_num_threads: int = Field(1, ge=1, description="OMP/torch threads per actor")
     gpu_memory_gib: float = Field(80.0, gt=0, description="memory of one GPU of the cluster's GPU nodes: what the "
                                   "memory plan checks every group's peak per GPU against (cluster.device=gpu)")
+
+    @model_validator(mode="after")
+    def _gpu_memory_needs_gpus(self) -> ClusterConfig:
+        # a value other than the default (a resolved config repeats the default, which is harmless)
+        if self.device == "cpu" and self.gpu_memory_gib != type(self).model_fields["gpu_memory_gib"].default:
+            raise ValueError("cluster.gpu_memory_gib is set but cluster.device=cpu: the CPU plan checks this "
+                             "machine's memory, so the setting would do nothing; remove it or set cluster.device=gpu")
+        return self
 
 
 class TrackingConfig(Strict):

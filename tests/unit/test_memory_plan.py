@@ -165,3 +165,13 @@ def test_fp32_model_states_count_fp32_weights_and_gradients(tiny):
     half, *_ = zero_terms(arch, "bfloat16", 3, 2, False, False, gpu=False, where="learner")
     full, *_ = zero_terms(arch, "float32", 3, 2, False, False, gpu=False, where="learner")
     assert full.bytes - half.bytes == 4 * arch.num_params // 2
+
+
+def test_gpu_memory_on_a_cpu_cluster_is_an_error_not_ignored():
+    from pydantic import ValidationError
+
+    from rmr1_ray.config.sections import ClusterConfig
+
+    assert ClusterConfig(device="gpu", gpu_memory_gib=40).gpu_memory_gib == 40
+    with pytest.raises(ValidationError, match="cluster.gpu_memory_gib is set but cluster.device=cpu"):
+        ClusterConfig(gpu_memory_gib=40)
